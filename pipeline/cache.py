@@ -150,16 +150,17 @@ def write_region_shard(path: str | Path, *, image_ids, image_hw, boxes, scores, 
                        num_shards: int) -> Path:
     n = len(image_ids)
     feats = np.asarray(features)
-    checks = {"image_hw": (n, 2), "boxes": (n, K_FRAGMENTS, 4), "scores": (n, K_FRAGMENTS),
-              "labels": (n, K_FRAGMENTS), "mask": (n, K_FRAGMENTS)}
-    arrays = {"image_ids": image_ids, "image_hw": np.asarray(image_hw, np.int32).reshape(n, 2),
-              "boxes": np.asarray(boxes, np.float32).reshape(n, K_FRAGMENTS, 4),
-              "scores": np.asarray(scores, np.float32).reshape(n, K_FRAGMENTS),
-              "labels": np.asarray(labels, np.int32).reshape(n, K_FRAGMENTS),
-              "mask": np.asarray(mask, bool).reshape(n, K_FRAGMENTS)}
-    for name, shape in checks.items():
-        if arrays[name].shape != shape:
-            raise ValueError(f"region shard {path}: {name} has shape {arrays[name].shape}, expected {shape}")
+    checks = {"image_hw": (image_hw, (n, 2), np.int32), "boxes": (boxes, (n, K_FRAGMENTS, 4), np.float32),
+              "scores": (scores, (n, K_FRAGMENTS), np.float32), "labels": (labels, (n, K_FRAGMENTS), np.int32),
+              "mask": (mask, (n, K_FRAGMENTS), bool)}
+    arrays: dict[str, Any] = {"image_ids": image_ids}
+    for name, (value, shape, dtype) in checks.items():
+        arr = np.asarray(value, dtype)
+        if arr.size == 0 and n == 0:
+            arr = arr.reshape(shape)  # an empty shard may be given empty lists
+        if arr.shape != shape:
+            raise ValueError(f"region shard {path}: {name} has shape {arr.shape}, expected {shape}")
+        arrays[name] = arr
     if feats.ndim != 3 or feats.shape[:2] != (n, K_FRAGMENTS):
         raise ValueError(f"region shard {path}: features have shape {feats.shape}, expected ({n}, {K_FRAGMENTS}, D)")
     arrays["features"] = feats
@@ -194,14 +195,19 @@ def write_triple_shard(path: str | Path, *, caption_ids, image_ids, texts, tripl
 
 def shard_info(f: h5py.File) -> ShardInfo:
     a = f.attrs
+    missing = [k for k in ("kind", "schema_version", "producer", "dataset", "shard_index", "num_shards",
+                           "created") if k not in a]
+    if missing:
+        raise CacheError(f"{f.filename}: not a defrag cache shard (attribute {missing[0]!r} missing); delete it "
+                         "and rerun the stage-1 task that writes it")
     try:
         return ShardInfo(path=Path(f.filename), kind=str(a["kind"]), schema_version=int(a["schema_version"]),
                          producer=json.loads(a["producer"]), dataset=json.loads(a["dataset"]),
                          shard_index=int(a["shard_index"]), num_shards=int(a["num_shards"]),
                          created=str(a["created"]), libraries=json.loads(a.get("libraries", "{}")))
-    except KeyError as e:
-        raise CacheError(f"{f.filename}: not a defrag cache shard (attribute {e} missing); delete it and rerun "
-                         "the stage-1 task that writes it") from None
+    except (TypeError, ValueError) as e:
+        raise CacheError(f"{f.filename}: damaged shard attributes ({e}); delete it and rerun the stage-1 task "
+                         "that writes it") from None
 
 
 def check_shard(info: ShardInfo, kind: str, producer: Mapping[str, Any] | None = None,
