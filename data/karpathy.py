@@ -38,7 +38,10 @@ def read_karpathy_json(path: Path, image_root: Path, name: str) -> Dataset:
             raise DatasetError(f"{where}: missing field {', '.join(map(repr, missing))} — every image needs "
                                "'filename', 'split' and 'sentences'")
         where = f"{path}: images[{i}] ({rec['filename']!r})"
-        rel = rec["filename"] if not rec.get("filepath") else f"{rec['filepath']}/{rec['filename']}"
+        filename, filepath = rec["filename"], rec.get("filepath") or ""
+        if not isinstance(filename, str) or not isinstance(filepath, str):
+            raise DatasetError(f"{where}: 'filename' and 'filepath' must be strings")
+        rel = f"{filepath}/{filename}" if filepath else filename
         image_id = image_path(rel, where)
         if image_id in out.images:
             raise DatasetError(f"{where}: image {image_id!r} is listed twice (first at {out.images[image_id][1]})"

@@ -181,6 +181,7 @@ def test_karpathy_without_tokens(tmp_path):
     ([{"filename": "1.jpg", "split": "train", "sentences": [{"raw": 3}]}], r"sentences\[0\]: caption text 3"),
     ([{"filename": "1.jpg", "split": "train", "sentences": "a dog"}], r"'sentences' must be a list"),
     (["1.jpg"], r"images\[0\]: expected an object, got str"),
+    ([k_image(7, "train", "a", filepath="val2014")], r"images\[0\] \(7\): 'filename' and 'filepath' must be str"),
     ([], r"the dataset is empty \(0 images"),
     ([k_image("1.jpg", "train")], r"the dataset is empty \(1 images with a split, 0 captions\)"),
 ])
