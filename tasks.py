@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import luigi
@@ -42,3 +43,102 @@ def device_resources(device: str) -> dict[str, int]:
     from pipeline.devices import resolve_device
 
     return {"gpu": 1} if resolve_device(device).startswith("cuda") else {}
+
+
+# ---------------------------------------------------------------------------------- stage 1a: image regions
+
+class _RegionParams(DatasetTask):
+    """Parameters of region extraction; the ones marked significant change the cache (and its folder)."""
+
+    detector = luigi.Parameter(default="torchvision-r50-fpn-v2",
+                               description="torchvision-r50-fpn-v2 | torchvision-r50-fpn | "
+                                           "torchvision-mobilenet-v3-fpn | detectron2:<model-zoo config>")
+    detector_weights = luigi.Parameter(default="pretrained", description="pretrained | PATH | random")
+    seed = luigi.IntParameter(default=0, description="initialisation seed for --detector-weights random")
+    feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
+    max_image_side = luigi.IntParameter(default=2048, description="shrink larger images to this side first")
+    min_size = luigi.IntParameter(default=0, description="detector input short side (0: the detector's own)")
+    max_size = luigi.IntParameter(default=0, description="detector input long side cap (0: the detector's own)")
+    amp = luigi.BoolParameter(default=False, description="float16 autocast on CUDA")
+    shard_size = luigi.IntParameter(default=1000, description="images per shard file")
+    batch_size = luigi.IntParameter(default=4, significant=False)
+    device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
+    on_error = luigi.ChoiceParameter(choices=["record", "fail"], default="record", significant=False,
+                                     description="record unreadable images in the shard, or stop at the first")
+
+    def region_config(self):
+        from pipeline.regions import RegionConfig
+
+        return RegionConfig(self.detector, self.detector_weights, self.seed, self.feature_dtype,
+                            self.max_image_side, self.min_size, self.max_size, self.amp)
+
+    def dataset_records(self):
+        return _cached_dataset(self.dataset, self.image_root)
+
+    def region_folder(self):
+        from pipeline.regions import region_cache_folder
+
+        return region_cache_folder(self.cache_root, self.dataset_records(), self.region_config(), self.shard_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(dataset: str, image_root: str):
+    """Scheduling asks every shard task for its output: read the dataset file once per process."""
+    from data import load_dataset
+
+    return load_dataset(dataset, image_root or None)
+
+
+class ExtractRegionShard(_RegionParams):
+    """One shard of images -> <cache_dir>/regions/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
+
+    shard_index = luigi.IntParameter()
+
+    @property
+    def resources(self):
+        return device_resources(self.device)
+
+    def output(self):
+        from pipeline.cache import shard_name
+
+        return luigi.LocalTarget(str(self.region_folder() / shard_name(self.shard_index)))
+
+    def run(self):
+        from pipeline.devices import resolve_device
+        from pipeline.regions import run_shard
+
+        def progress(done: int, total: int) -> None:
+            self.set_progress_percentage(round(100 * done / max(total, 1)))
+            self.set_status_message(f"{done}/{total} images")
+
+        run_shard(self.dataset_records(), self.output().path, self.region_config(), shard_size=self.shard_size,
+                  shard_index=self.shard_index, device=resolve_device(self.device), batch_size=self.batch_size,
+                  on_error=self.on_error, progress=progress)
+
+
+class ExtractRegions(_RegionParams, luigi.WrapperTask):
+    """Every shard of a dataset; when all are done, logs the failures and writes them to summary.json."""
+
+    def requires(self):
+        from pipeline.cache import shard_ranges
+
+        n = len(shard_ranges(len(self.dataset_records().images), self.shard_size))
+        return [ExtractRegionShard(shard_index=i, **self.param_kwargs) for i in range(n)]
+
+    def output(self):
+        return luigi.LocalTarget(str(self.region_folder() / "summary.json"))
+
+    def complete(self):
+        return all(r.complete() for r in self.requires()) and self.output().exists()
+
+    def run(self):
+        import json
+
+        from pipeline.regions import summarize_failures
+
+        summary = summarize_failures(self.region_folder())
+        log.info("regions of %s: %d images in %s, %d failed", self.dataset, summary["images"], summary["folder"],
+                 len(summary["failed"]))
+        with self.output().temporary_path() as tmp:
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2, sort_keys=True)

@@ -1,0 +1,155 @@
+"""Detector backends behind one small interface.
+
+A backend turns a batch of RGB images into, per image, the top detections (after the detector's own NMS) and
+one feature vector per detection plus one for the whole image, all pooled from the same backbone pass:
+
+    det = build_detector("torchvision-mobilenet-v3-fpn", weights="random", device="cpu", seed=0)
+    det.describe()            # what produced the features: goes into every shard (and the cache key)
+    det.extract([img, ...])   # img: (3, h, w) float RGB in [0, 1]  ->  [RegionResult, ...]
+
+Names: ``torchvision-r50-fpn-v2`` (default), ``torchvision-r50-fpn``, ``torchvision-mobilenet-v3-fpn``, and
+``detectron2:<model-zoo config name or .yaml path>``. Weights: ``pretrained`` (the library's own COCO
+weights through its own download cache), a local file (its sha256 is recorded), or ``random`` (seeded).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_DETECTOR = "torchvision-r50-fpn-v2"
+MAX_DETECTIONS = 19  # the paper: 19 detections + the whole image = 20 fragments
+
+
+class DetectorError(RuntimeError):
+    """A detector cannot be built or run as asked; the message says what to change."""
+
+
+@dataclass
+class RegionResult:
+    """One image's detections, in the pixels of the tensor given to ``extract``, by descending score."""
+
+    boxes: torch.Tensor  # (n, 4) float32 xyxy, n <= max_detections
+    scores: torch.Tensor  # (n,) float32
+    labels: torch.Tensor  # (n,) int64, the detector's class ids
+    features: torch.Tensor  # (n, D) box-head features of the boxes above
+    whole: torch.Tensor  # (D,) box-head feature of the whole image box
+
+
+class Detector:
+    """The interface every backend implements."""
+
+    feature_dim: int
+    max_detections: int = MAX_DETECTIONS
+
+    def describe(self) -> dict[str, Any]:
+        """Everything about the detector that changes its output (backend, config, weights identity, sizes)."""
+        raise NotImplementedError
+
+    def extract(self, images: list[torch.Tensor]) -> list[RegionResult]:
+        """Detections and their features for a batch of (3, h, w) RGB tensors in [0, 1]; one backbone pass."""
+        raise NotImplementedError
+
+    def forward_bare(self, images: list[torch.Tensor]) -> list[Any]:
+        """The library's own stock inference on the same inputs (for benchmarks: the cost to compare against)."""
+        raise NotImplementedError
+
+
+def _backend(name: str):
+    if name.startswith("detectron2:"):
+        from . import detectron2_backend
+
+        return detectron2_backend
+    from . import torchvision_backend
+
+    if name not in torchvision_backend.MODELS:
+        known = ", ".join(sorted(torchvision_backend.MODELS)) + ", detectron2:<config>"
+        raise DetectorError(f"unknown detector {name!r}; choose one of: {known}")
+    return torchvision_backend
+
+
+def describe_detector(name: str = DEFAULT_DETECTOR, weights: str = "pretrained", seed: int = 0, *,
+                      min_size: int = 0, max_size: int = 0, amp: bool = False) -> dict[str, Any]:
+    """What ``build_detector(...).describe()`` will return, without building the model (cheap: cache keys)."""
+    return _backend(name).describe(name, weights, seed, min_size=min_size, max_size=max_size, amp=amp)
+
+
+def build_detector(name: str = DEFAULT_DETECTOR, weights: str = "pretrained", device: str = "cpu", seed: int = 0,
+                   *, min_size: int = 0, max_size: int = 0, amp: bool = False) -> Detector:
+    """Build a detector in eval mode on ``device``. ``min_size``/``max_size`` 0 keep the detector's own input size."""
+    if amp and not str(device).startswith("cuda"):
+        raise DetectorError("--amp needs a CUDA device (mixed precision is float16 autocast on the GPU)")
+    return _backend(name).build(name, weights, device, seed, min_size=min_size, max_size=max_size, amp=amp)
+
+
+# ------------------------------------------------------------------------------------------ weights helpers
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime) so cache keys stay cheap."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def weights_kind(weights: str) -> str:
+    """``pretrained``, ``random`` or ``file`` (a path that must exist)."""
+    if weights in ("pretrained", "random"):
+        return weights
+    if not Path(weights).is_file():
+        raise DetectorError(f"--detector-weights {weights!r}: no such file; give a weights file path, "
+                            "'pretrained' or 'random'")
+    return "file"
+
+
+def weights_identity(weights: str, seed: int, pretrained_id: str) -> dict[str, Any]:
+    kind = weights_kind(weights)
+    if kind == "pretrained":
+        return {"weights": "pretrained", "weights_id": pretrained_id}
+    if kind == "random":
+        return {"weights": "random", "seed": int(seed)}
+    return {"weights": "file", "weights_sha256": file_sha256(weights)}
+
+
+def require_download(url: str, cached: Path, timeout: float = 4.0) -> None:
+    """Fail within seconds when pretrained weights are neither cached nor reachable (no retries, no hang)."""
+    if cached.is_file():
+        return
+    host = url.split("/")[2]
+    error: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as e:
+            error.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout + 1.0)
+    if t.is_alive() or error:
+        why = f"{error[0]}" if error else "no answer"
+        raise DetectorError(
+            f"pretrained weights are not in the local cache ({cached}) and {host} cannot be reached ({why}). "
+            "Offline, pass --detector-weights PATH (a local weights file) or --detector-weights random "
+            f"(or copy the file to {cached}).")
+
+
+def hub_checkpoint(url: str) -> Path:
+    """Where torch.hub keeps a downloaded checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)

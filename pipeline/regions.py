@@ -1,0 +1,265 @@
+"""Stage 1a: image fragments. Each image becomes 20 rows: the whole image, then up to 19 detections.
+
+    row 0 (cache.WHOLE_IMAGE_ROW)  the whole image: box [0, 0, W, H], score 1, label -1, mask True
+    rows 1..n                      detections by descending score (n <= 19), mask True
+    rows n+1..19                   padding: zeros, label -1, mask False (never invented boxes)
+
+All features come from one backbone pass per batch (see pipeline/detectors). One call of ``extract_shard``
+loads one shard's images, runs the detector in batches and writes the shard atomically with
+``cache.write_region_shard``; images that cannot be read are recorded in the shard with a reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import cache
+from .cache import K_FRAGMENTS, WHOLE_IMAGE_ROW
+from .detectors import DEFAULT_DETECTOR, MAX_DETECTIONS, Detector, build_detector, describe_detector
+from .images import ImageLoadError, LoadedImage, load_image
+
+log = logging.getLogger(__name__)
+
+FEATURE_DTYPES = ("float16", "float32")
+ON_ERROR = ("record", "fail")
+assert MAX_DETECTIONS + 1 == K_FRAGMENTS and WHOLE_IMAGE_ROW == 0
+
+
+class RegionExtractionError(RuntimeError):
+    """An image failed and ``on_error="fail"`` was asked for."""
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Everything that changes a region cache's content (and so names its folder)."""
+
+    detector: str = DEFAULT_DETECTOR
+    detector_weights: str = "pretrained"
+    seed: int = 0
+    feature_dtype: str = "float16"
+    max_image_side: int = 2048  # images are shrunk to this before the detector (its own resize follows)
+    min_size: int = 0  # detector input size; 0 keeps the detector's own (800 / 1333 for torchvision)
+    max_size: int = 0
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature dtype {self.feature_dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}")
+        if self.max_image_side < 0:
+            raise ValueError(f"max image side must be >= 0 (0: never shrink), got {self.max_image_side}")
+
+    def producer(self) -> dict[str, Any]:
+        """The producer record every shard carries; computed without building the detector."""
+        det = describe_detector(self.detector, self.detector_weights, self.seed, min_size=self.min_size,
+                                max_size=self.max_size, amp=self.amp)
+        return {**det, "k": K_FRAGMENTS, "whole_image_row": WHOLE_IMAGE_ROW, "feature_dtype": self.feature_dtype,
+                "max_image_side": self.max_image_side}
+
+    def build(self, device: str) -> Detector:
+        return build_detector(self.detector, self.detector_weights, device, self.seed, min_size=self.min_size,
+                              max_size=self.max_size, amp=self.amp)
+
+
+def region_dataset(dataset) -> dict[str, Any]:
+    """The dataset identity region shards carry: name and a hash of the image ids and paths (captions and
+    splits do not change regions, so editing captions keeps the region cache)."""
+    h = hashlib.sha256()
+    for im in dataset.images:
+        h.update(json.dumps([im.image_id, im.path]).encode())
+    return {"name": dataset.name, "images": len(dataset.images), "image_list": h.hexdigest()[:16]}
+
+
+def region_cache_folder(cache_dir: str | Path, dataset, config: RegionConfig, shard_size: int) -> Path:
+    """``<cache_dir>/regions/<dataset>-<key>``, the key a hash of producer, dataset identity and shard size."""
+    content = {"producer": config.producer(), "dataset": region_dataset(dataset), "shard_size": int(shard_size)}
+    return cache.cache_folder(cache_dir, "regions", dataset.name, content)
+
+
+# ------------------------------------------------------------------------------------------ the 20-row layout
+
+def layout_fragments(height: int, width: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                     features: np.ndarray, whole: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's detections (n, ...) and whole-image feature (D,) -> the fixed 20-row layout.
+
+    boxes (n, 4) xyxy original pixels, scores (n,), labels (n,), features (n, D), whole (D,).
+    Returns boxes (20, 4), scores (20,), labels (20,), mask (20,), features (20, D) as float32/int32/bool.
+    Only the 19 best detections are kept, by descending score (ties keep the given order).
+    """
+    d = int(whole.shape[-1])
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")[:MAX_DETECTIONS]
+    n = len(order)
+    out = {"boxes": np.zeros((K_FRAGMENTS, 4), np.float32), "scores": np.zeros(K_FRAGMENTS, np.float32),
+           "labels": np.full(K_FRAGMENTS, -1, np.int32), "mask": np.zeros(K_FRAGMENTS, bool),
+           "features": np.zeros((K_FRAGMENTS, d), np.float32)}
+    w = WHOLE_IMAGE_ROW
+    out["boxes"][w] = (0.0, 0.0, float(width), float(height))
+    out["scores"][w], out["mask"][w], out["features"][w] = 1.0, True, whole
+    rows = slice(1, 1 + n)
+    out["boxes"][rows] = np.asarray(boxes, np.float32).reshape(-1, 4)[order]
+    out["scores"][rows] = np.asarray(scores, np.float32)[order]
+    out["labels"][rows] = np.asarray(labels)[order]
+    out["mask"][rows] = True
+    out["features"][rows] = np.asarray(features, np.float32).reshape(-1, d)[order]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ one shard
+
+@dataclass
+class ShardReport:
+    path: Path
+    images: int = 0  # written
+    failed: dict[str, str] = field(default_factory=dict)  # image id -> reason
+
+
+def _load_all(items: Sequence[tuple[str, Path]], max_side: int
+              ) -> Iterator[tuple[str, LoadedImage | ImageLoadError]]:
+    """Images in order, decoded a few ahead on threads (Pillow releases the GIL) so the detector never waits."""
+    def one(item: tuple[str, Path]):
+        try:
+            return item[0], load_image(item[1], max_side)
+        except ImageLoadError as e:
+            return item[0], e
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        window: list = []
+        it = iter(items)
+        for item in it:
+            window.append(pool.submit(one, item))
+            if len(window) >= 8:
+                yield window.pop(0).result()
+        for fut in window:
+            yield fut.result()
+
+
+def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path, detector: Detector, *,
+                  producer: dict[str, Any], dataset: dict[str, Any], shard_index: int, num_shards: int,
+                  feature_dtype: str = "float16", max_image_side: int = 2048, batch_size: int = 4,
+                  on_error: str = "record", progress: Callable[[int, int], None] | None = None) -> ShardReport:
+    """Extract the 20 fragments of each (image_id, path) and write one region shard to ``out_path``.
+
+    Unreadable images are recorded (id + reason) and the rest is written; ``on_error="fail"`` raises
+    RegionExtractionError at the first one instead (nothing is written then).
+    ``progress(done, total)`` is called after each batch (Luigi's progress bar).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error {on_error!r}: choose one of {', '.join(ON_ERROR)}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {feature_dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}")
+    items = [(str(i), Path(p)) for i, p in items]
+    report = ShardReport(Path(out_path))
+    rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
+                                             "features")}
+    batch: list[tuple[str, LoadedImage]] = []
+
+    def flush() -> None:
+        results = detector.extract([im.tensor for _, im in batch])
+        for (image_id, im), r in zip(batch, results):
+            frag = layout_fragments(im.height, im.width, im.to_original(r.boxes.cpu().numpy()),
+                                    r.scores.cpu().numpy(), r.labels.cpu().numpy(), r.features.cpu().numpy(),
+                                    r.whole.cpu().numpy())
+            rows["image_ids"].append(image_id)
+            rows["image_hw"].append((im.height, im.width))
+            for k in ("boxes", "scores", "labels", "mask"):
+                rows[k].append(frag[k])
+            rows["features"].append(frag["features"].astype(feature_dtype))
+        batch.clear()
+
+    bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img", leave=False)
+    done = 0
+    for image_id, loaded in _load_all(items, max_image_side):
+        if isinstance(loaded, ImageLoadError):
+            if on_error == "fail":
+                bar.close()
+                raise RegionExtractionError(f"image {image_id!r}: {loaded}") from None
+            log.warning("skipping image %r: %s", image_id, loaded)
+            report.failed[image_id] = f"{loaded.path}: {loaded.reason}"
+        else:
+            batch.append((image_id, loaded))
+        done += 1
+        if len(batch) >= batch_size or (done == len(items) and batch):
+            flush()
+            if progress:
+                progress(done, len(items))
+        bar.update(1)
+    bar.close()
+
+    n = len(rows["image_ids"])
+    d = int(producer.get("feature_dim", 0))
+    feats = np.stack(rows["features"]) if n else np.zeros((0, K_FRAGMENTS, d), feature_dtype)
+    cache.write_region_shard(
+        out_path, image_ids=rows["image_ids"], image_hw=np.asarray(rows["image_hw"], np.int32).reshape(n, 2),
+        boxes=np.asarray(rows["boxes"], np.float32).reshape(n, K_FRAGMENTS, 4),
+        scores=np.asarray(rows["scores"], np.float32).reshape(n, K_FRAGMENTS),
+        labels=np.asarray(rows["labels"], np.int32).reshape(n, K_FRAGMENTS),
+        mask=np.asarray(rows["mask"], bool).reshape(n, K_FRAGMENTS), features=feats,
+        failed_ids=list(report.failed), failed_reasons=list(report.failed.values()),
+        producer=producer, dataset=dataset, shard_index=shard_index, num_shards=num_shards)
+    report.images = n
+    return report
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+
+_DETECTORS: dict[tuple[RegionConfig, str], Detector] = {}
+
+
+def detector_for(config: RegionConfig, device: str) -> Detector:
+    """One detector per (config, device) per process: shards run in the same worker share it."""
+    key = (config, device)
+    if key not in _DETECTORS:
+        _DETECTORS.clear()  # at most one model in memory
+        _DETECTORS[key] = config.build(device)
+    return _DETECTORS[key]
+
+
+def run_shard(dataset, out_path: str | Path, config: RegionConfig, *, shard_size: int, shard_index: int,
+              device: str = "cpu", batch_size: int = 4, on_error: str = "record",
+              progress: Callable[[int, int], None] | None = None) -> ShardReport:
+    """Shard ``shard_index`` of ``dataset`` (images in dataset order, ``shard_size`` per shard)."""
+    ranges = cache.shard_ranges(len(dataset.images), shard_size)
+    if not 0 <= shard_index < len(ranges):
+        raise IndexError(f"shard {shard_index} does not exist: {dataset.name} has {len(ranges)} shards of "
+                         f"{shard_size} images")
+    start, stop = ranges[shard_index]
+    out_path = Path(out_path)
+    for stale in out_path.parent.glob(f".{out_path.name}.tmp-*"):  # left by a killed earlier attempt
+        log.info("removing %s, left by an interrupted run", stale)
+        stale.unlink(missing_ok=True)
+    items = [(im.image_id, dataset.image_root / im.path) for im in dataset.images[start:stop]]
+    producer = config.producer()
+    detector = detector_for(config, device)
+    if any(producer.get(k) != v for k, v in detector.describe().items()):
+        raise RuntimeError(f"detector {detector.describe()} differs from the cache key's {producer}: a defrag bug")
+    report = extract_shard(items, out_path, detector, producer=producer, dataset=region_dataset(dataset),
+                           shard_index=shard_index, num_shards=len(ranges), feature_dtype=config.feature_dtype,
+                           max_image_side=config.max_image_side, batch_size=batch_size, on_error=on_error,
+                           progress=progress)
+    log.info("wrote region shard %d/%d (%d images, %d failed): %s", shard_index + 1, len(ranges), report.images,
+             len(report.failed), out_path)
+    return report
+
+
+def summarize_failures(folder: str | Path) -> dict[str, Any]:
+    """Images written and images failed (id -> reason) over every finished shard of a region cache folder."""
+    total, failed = 0, {}
+    for path in cache.list_shards(folder):
+        block = cache.read_region_shard(path, with_features=False)
+        total += len(block.image_ids)
+        failed.update(block.failed)
+    if failed:
+        lines = "\n".join(f"  {k}: {v}" for k, v in sorted(failed.items()))
+        log.warning("%d image(s) could not be used and have no fragments:\n%s", len(failed), lines)
+    return {"folder": str(folder), "images": total, "failed": failed}
+
+
+__all__ = ["RegionConfig", "RegionExtractionError", "ShardReport", "extract_shard", "layout_fragments",
+           "region_cache_folder", "region_dataset", "run_shard", "summarize_failures", "detector_for"]
