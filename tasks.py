@@ -142,3 +142,108 @@ class ExtractRegions(_RegionParams, luigi.WrapperTask):
         with self.output().temporary_path() as tmp:
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------- stage 1b: sentence triples
+
+class _ParseParams(DatasetTask):
+    """Parameters of caption parsing; the significant ones change the triple cache (and its folder).
+
+    Models: Stanza's package from --stanza-dir (download once, see README), or, offline, local model files
+    --stanza-tagger PATH --stanza-parser PATH (the project's small models: tests/stanza_models/*.pt).
+    """
+
+    stanza_dir = luigi.Parameter(default="", description="Stanza resources folder (default: Stanza's own, "
+                                                          "honouring STANZA_RESOURCES_DIR)")
+    stanza_package = luigi.Parameter(default="default", description="Stanza package for English")
+    stanza_tagger = luigi.Parameter(default="", description="local POS model file (with --stanza-parser)")
+    stanza_parser = luigi.Parameter(default="", description="local dependency parser model file")
+    skip_relations = luigi.Parameter(default="punct,root", description="relations that give no triple")
+    max_tokens = luigi.IntParameter(default=150, description="longer captions are cut (and recorded as cut)")
+    shard_size = luigi.IntParameter(default=5000, description="captions per shard file")
+    batch_size = luigi.IntParameter(default=512, significant=False, description="captions per bulk Stanza call")
+    device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
+
+    def parse_settings(self):
+        from pipeline.parse import ParseSettings
+
+        return ParseSettings(package=self.stanza_package, stanza_dir=self.stanza_dir, tagger=self.stanza_tagger,
+                             parser=self.stanza_parser, skip_relations=self.skip_relations,
+                             max_tokens=self.max_tokens, batch_size=self.batch_size, device=self.device)
+
+    def dataset_records(self):
+        return _cached_dataset(self.dataset, self.image_root)
+
+    def triple_folder(self):
+        """The triple cache folder of these parameters (for tasks that read it, e.g. training)."""
+        from pipeline.parse import triple_cache_folder
+
+        return triple_cache_folder(self.cache_root, self.dataset_records(), self.parse_settings(), self.shard_size)
+
+
+class ParseShard(_ParseParams):
+    """One shard of captions -> <cache_dir>/triples/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
+
+    shard_index = luigi.IntParameter()
+
+    @property
+    def resources(self):
+        return device_resources(self.device)
+
+    def output(self):
+        from pipeline.cache import shard_name
+
+        return luigi.LocalTarget(str(self.triple_folder() / shard_name(self.shard_index)))
+
+    def run(self):
+        from pipeline.cache import shard_ranges
+        from pipeline.parse import parse_shard
+
+        def progress(done: int, total: int) -> None:
+            self.set_progress_percentage(round(100 * done / max(total, 1)))
+            self.set_status_message(f"{done}/{total} captions parsed")
+
+        ranges = shard_ranges(len(self.dataset_records().captions), self.shard_size)
+        start, stop = ranges[self.shard_index]
+        parse_shard(self.dataset_records(), start, stop, self.output().path, self.parse_settings(),
+                    self.shard_index, len(ranges), progress)
+
+
+class ParseSentences(_ParseParams, luigi.WrapperTask):
+    """Every caption shard of a dataset, parsed by Stanza into dependency triples."""
+
+    def requires(self):
+        from pipeline.cache import shard_ranges
+
+        n = len(shard_ranges(len(self.dataset_records().captions), self.shard_size))
+        return [ParseShard(shard_index=i, **self.param_kwargs) for i in range(n)]
+
+
+class BuildVocab(_ParseParams):
+    """Word and relation counts over the training split's triples -> <cache_dir>/vocab/<dataset>-<key>/vocab.json."""
+
+    min_count = luigi.IntParameter(default=5, description="words seen fewer times map to <unk>")
+
+    def requires(self):
+        return ParseSentences(**{k: v for k, v in self.param_kwargs.items() if k != "min_count"})
+
+    def output(self):
+        from pipeline.vocab import vocab_path
+
+        return luigi.LocalTarget(str(vocab_path(self.cache_root, self.dataset_records().name,
+                                                self.triple_folder(), self.min_count)))
+
+    def run(self):
+        from pipeline.vocab import save_vocab, vocab_from_cache
+
+        data = self.dataset_records()
+        settings = self.parse_settings()
+        train = {c.caption_id for c in data.split_captions("train")}
+        self.set_status_message(f"counting {len(train)} training captions")
+        vocab = vocab_from_cache(self.triple_folder(), train, self.min_count,
+                                 source={"triples": self.triple_folder().name, "dataset": data.describe(),
+                                         "split": "train"},
+                                 producer=settings.producer(), dataset=data.describe())
+        save_vocab(vocab, self.output().path)
+        log.info("vocabulary of %s: %d words (min count %d), %d relations -> %s", self.dataset,
+                 len(vocab.words), self.min_count, len(vocab.relations), self.output().path)
