@@ -1,0 +1,87 @@
+"""Checkpoints of a training run: atomic writes, safe loads (weights_only=True), refusal of a mismatch.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts only, so ``torch.load(weights_only=True)``
+reads it): ``model`` (state dict), ``model_config`` (DeFrag's constructor arguments), ``optimizer``,
+``epoch`` (epochs completed), ``rng`` (torch and CUDA generator states), ``config`` (the training
+configuration), ``vocab_key``, ``cache_keys`` ({"regions", "triples"}), ``vocab_words``/``vocab_relations``,
+``history`` (the per-epoch log records), ``best`` (the best epoch's record).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .defrag import DeFrag
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to another vocabulary or cache."""
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` to a temporary file beside ``path`` and rename it: a kill never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, expect_vocab_key: str | None = None,
+                    expect_cache_keys: Mapping[str, str] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; refuse one of another vocabulary or cache, naming both."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train first (TrainEmbedding)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}): "
+                              "it is damaged or not a defrag checkpoint") from None
+    if expect_vocab_key is not None and ckpt.get("vocab_key") != expect_vocab_key:
+        raise CheckpointError(f"checkpoint {path} was trained with vocabulary {ckpt.get('vocab_key')!r}, but "
+                              f"this run uses vocabulary {expect_vocab_key!r}: use a run of this vocabulary "
+                              "or start a new run (another --run-name)")
+    if expect_cache_keys is not None:
+        have = dict(ckpt.get("cache_keys") or {})
+        for kind, key in expect_cache_keys.items():
+            if have.get(kind) != key:
+                raise CheckpointError(f"checkpoint {path} was trained on the {kind} cache {have.get(kind)!r}, "
+                                      f"but this run reads {key!r}: use a run of this cache or start a new "
+                                      "run (another --run-name)")
+    return ckpt
+
+
+def checkpoint_path(run_dir_or_ckpt: str | Path, which: str = "best") -> Path:
+    """A run folder -> its best (or last) checkpoint; a file path is returned as it is."""
+    p = Path(run_dir_or_ckpt)
+    if p.is_dir():
+        name = BEST if which == "best" else LAST
+        if not (p / name).exists() and (p / LAST).exists():
+            name = LAST
+        return p / name
+    return p
+
+
+def load_model(run_dir_or_ckpt: str | Path, device: str | torch.device = "cpu", which: str = "best",
+               expect_vocab_key: str | None = None,
+               expect_cache_keys: Mapping[str, str] | None = None) -> tuple[DeFrag, dict[str, Any]]:
+    """Rebuild the trained DeFrag model of a run folder (its best checkpoint) or of a checkpoint file."""
+    ckpt = load_checkpoint(checkpoint_path(run_dir_or_ckpt, which), expect_vocab_key, expect_cache_keys)
+    model = DeFrag(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,71 @@
+"""The DeFrag model: two small projections into one h-dimensional fragment space.
+
+    image fragment     v = W_m x + b_m                          x: a cached region feature (D,)
+    sentence fragment  s = ReLU(W_R [W_e w1 ; W_e w2] + b_R)    (R, w1, w2): a dependency triple
+
+W_e holds d-dimensional word vectors; W_R, b_R exist once per relation type (the paper) or once for all
+(``shared_relation=True``, the original code).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class DeFrag(nn.Module):
+    def __init__(self, feat_dim: int, n_words: int, n_relations: int, h: int = 1000, d: int = 200,
+                 shared_relation: bool = False, word_vectors: Tensor | None = None, freeze_words: bool = False):
+        super().__init__()
+        if min(feat_dim, n_words, h, d) < 1 or n_relations < (0 if shared_relation else 1):
+            raise ValueError(f"DeFrag needs positive sizes, got feat_dim={feat_dim} n_words={n_words} "
+                             f"n_relations={n_relations} h={h} d={d}")
+        self.feat_dim, self.n_words, self.n_relations, self.h, self.d = feat_dim, n_words, n_relations, h, d
+        self.shared_relation = shared_relation
+        self.image_proj = nn.Linear(feat_dim, h)  # W_m, b_m
+        self.words = nn.Embedding(n_words, d)  # W_e
+        nn.init.normal_(self.words.weight, std=d ** -0.5)
+        if word_vectors is not None:
+            if tuple(word_vectors.shape) != (n_words, d):
+                raise ValueError(f"word vectors have shape {tuple(word_vectors.shape)}, expected ({n_words}, {d})")
+            with torch.no_grad():
+                self.words.weight.copy_(word_vectors)
+        self.words.weight.requires_grad_(not freeze_words)
+        n_mats = 1 if shared_relation else n_relations
+        bound = (2 * d) ** -0.5  # nn.Linear's default range for fan-in 2d
+        self.rel_weight = nn.Parameter(torch.empty(n_mats, h, 2 * d).uniform_(-bound, bound))  # W_R
+        self.rel_bias = nn.Parameter(torch.empty(n_mats, h).uniform_(-bound, bound))  # b_R
+
+    def image_fragments(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (N, K, D), mask (N, K) bool -> vecs (Ni, h) of the unmasked rows, owner (Ni,) image index."""
+        owner, row = mask.nonzero(as_tuple=True)  # (Ni,), (Ni,) padded rows never take part
+        x = feats[owner, row].to(self.image_proj.weight.dtype)  # (Ni, D) float16 cache -> compute dtype
+        return self.image_proj(x), owner
+
+    def sentence_fragments(self, rel: Tensor, w1: Tensor, w2: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """Triples (T,) relation, head and dependent ids with owner (T,) -> vecs (T, h), owner (T,)."""
+        e = torch.cat([self.words(w1), self.words(w2)], dim=1)  # (T, 2d)
+        if self.shared_relation:
+            return torch.relu(e @ self.rel_weight[0].T + self.rel_bias[0]), owner
+        # one matmul per relation type present: sort triples by relation, project each run, undo the sort
+        order = torch.argsort(rel, stable=True)
+        counts = torch.bincount(rel, minlength=self.n_relations).tolist()
+        pieces, start = [], 0
+        for r, n in enumerate(counts):
+            if n:
+                idx = order[start:start + n]
+                pieces.append(e[idx] @ self.rel_weight[r].T + self.rel_bias[r])  # (n, h)
+                start += n
+        out = torch.cat(pieces) if pieces else e.new_zeros(0, self.h)
+        s = torch.empty_like(out)
+        s = s.index_copy(0, order, out)  # back to the input order
+        return torch.relu(s), owner
+
+    def config(self) -> dict:
+        """What rebuilds this module (plain types: stored in checkpoints loaded with weights_only=True)."""
+        return {"feat_dim": self.feat_dim, "n_words": self.n_words, "n_relations": self.n_relations,
+                "h": self.h, "d": self.d, "shared_relation": self.shared_relation,
+                "freeze_words": not self.words.weight.requires_grad}

@@ -1,0 +1,357 @@
+"""The fragment store: stage-1 caches (regions, triples) + a vocabulary -> index tensors the trainer gathers from.
+
+One global table of images (features (N, K, D) float16, mask (N, K)) and one of captions (triples as id
+tensors rel, w1, w2 (T,) with offsets (M+1,)); a ``Split`` is a view (row indices) into both, so splits and
+subsets never copy features. Features live in memory (on the GPU once when they fit), or, when they exceed
+the memory budget, stay in the HDF5 shards and are read through a bounded LRU of whole shards.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.cache import K_FRAGMENTS, CacheError, list_shards, open_shard, read_strings
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+class MemoryFeatures:
+    """All features in one float16 tensor (N, K, D), on the CPU or moved once to the GPU."""
+
+    def __init__(self, feats: Tensor):
+        self.feats = feats
+
+    def get(self, rows: Tensor) -> Tensor:
+        return self.feats[rows.to(self.feats.device)]  # (B, K, D) float16
+
+    def to(self, device: str | torch.device) -> "MemoryFeatures":
+        return MemoryFeatures(self.feats.to(device))
+
+
+class ShardFeatures:
+    """Features read from the region shards on demand; at most ``max_bytes`` of whole shards stay cached."""
+
+    def __init__(self, shards: list[Path], shard_of: np.ndarray, row_of: np.ndarray, shard_bytes: list[int],
+                 max_bytes: int, device: str | torch.device = "cpu"):
+        self.shards, self.shard_of, self.row_of, self.shard_bytes = shards, shard_of, row_of, shard_bytes
+        self.max_bytes, self.device = max_bytes, torch.device(device)
+        self.cache: OrderedDict[int, Tensor] = OrderedDict()  # shard index -> (n, K, D) float16, LRU order
+        self.loads = 0  # shard reads so far (the streaming benchmark and tests read it)
+
+    def _shard(self, s: int) -> Tensor:
+        if s in self.cache:
+            self.cache.move_to_end(s)
+            return self.cache[s]
+        with open_shard(self.shards[s], "regions") as f:
+            feats = torch.from_numpy(np.asarray(f["features"][()], dtype=np.float16))
+        self.loads += 1
+        self.cache[s] = feats
+        while len(self.cache) > 1 and sum(self.shard_bytes[k] for k in self.cache) > self.max_bytes:
+            self.cache.popitem(last=False)  # evict the least recently used shard
+        return feats
+
+    def get(self, rows: Tensor) -> Tensor:
+        rows_np = rows.cpu().numpy()
+        shard, local = self.shard_of[rows_np], self.row_of[rows_np]
+        out = None
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            block = self._shard(int(s))[torch.from_numpy(local[sel])]
+            if out is None:
+                out = block.new_empty((len(rows_np),) + tuple(block.shape[1:]))
+            out[torch.from_numpy(sel)] = block
+        if out is None:
+            raise ValueError("no rows requested")
+        return out.to(self.device, non_blocking=True)
+
+    def to(self, device: str | torch.device) -> "ShardFeatures":
+        return ShardFeatures(self.shards, self.shard_of, self.row_of, self.shard_bytes, self.max_bytes, device)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+@dataclass
+class Split:
+    """A split (or subset) of the store: image rows and caption rows into the store's global tables.
+
+    ``caption_image[m]`` is the index, within this split, of caption m's image.
+    """
+    name: str
+    store: "FragmentStore"
+    rows: Tensor  # (N,) long: global image rows
+    cap_rows: Tensor  # (M,) long: global caption rows
+    caption_image: Tensor  # (M,) long in [0, N)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.cap_rows.numel())
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [self.store.image_ids[i] for i in self.rows.tolist()]
+
+    @property
+    def caption_ids(self) -> list[str]:
+        return [self.store.caption_ids[i] for i in self.cap_rows.tolist()]
+
+    def images(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Images idx (B,) of this split -> feats (B, K, D) float16, mask (B, K) bool, on the store's device."""
+        g = self.rows[idx.to(self.rows.device)]
+        return self.store.features.get(g), self.store.mask[g]
+
+    def triples(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Captions idx (B,) -> rel, w1, w2, owner (T,) with owner in [0, B): a ragged gather, no Python loop."""
+        st = self.store
+        c = self.cap_rows[idx.to(self.cap_rows.device)]  # (B,) global caption rows
+        start, lens = st.offsets[c], st.offsets[c + 1] - st.offsets[c]  # (B,), (B,)
+        owner = torch.repeat_interleave(torch.arange(len(c), device=c.device), lens)  # (T,)
+        first = torch.cumsum(lens, 0) - lens  # (B,) where each caption's run starts in the output
+        t = start[owner] + torch.arange(owner.numel(), device=c.device) - first[owner]  # (T,) global triples
+        return st.rel[t], st.w1[t], st.w2[t], owner
+
+    def subset(self, image_index: Tensor | list[int] | np.ndarray, name: str | None = None) -> "Split":
+        """The images ``image_index`` of this split (in that order) with all their captions."""
+        idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long, device=self.rows.device)
+        remap = torch.full((self.n_images,), -1, dtype=torch.long, device=self.rows.device)
+        remap[idx] = torch.arange(len(idx), device=idx.device)
+        keep = remap[self.caption_image] >= 0
+        return replace(self, name=name or f"{self.name}-subset", rows=self.rows[idx], cap_rows=self.cap_rows[keep],
+                       caption_image=remap[self.caption_image[keep]])
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+def _read_regions(folder: Path) -> dict[str, Any]:
+    shards = list_shards(folder)
+    if not shards:
+        raise CacheError(f"region cache {folder} holds no finished shards: run ExtractRegions first")
+    ids, masks, shard_of, row_of, nbytes, failed, dims = [], [], [], [], [], {}, set()
+    for s, path in enumerate(shards):
+        with open_shard(path, "regions") as f:
+            sid = read_strings(f["image_ids"])
+            ids += sid
+            masks.append(np.asarray(f["mask"][()], bool).reshape(len(sid), K_FRAGMENTS))
+            shape = f["features"].shape
+            dims.add(int(shape[2]))
+            shard_of.append(np.full(len(sid), s, np.int64))
+            row_of.append(np.arange(len(sid), dtype=np.int64))
+            nbytes.append(int(np.prod(shape)) * 2)
+            if "failed_ids" in f:
+                failed.update(zip(read_strings(f["failed_ids"]), read_strings(f["failed_reasons"])))
+    if len(dims) > 1:
+        raise CacheError(f"region cache {folder} mixes feature sizes {sorted(dims)}: rebuild it")
+    return {"shards": shards, "ids": ids, "mask": np.concatenate(masks), "shard_of": np.concatenate(shard_of),
+            "row_of": np.concatenate(row_of), "shard_bytes": nbytes, "failed": failed, "dim": dims.pop()}
+
+
+def _load_features(shards: list[Path], n: int, k: int, dim: int) -> Tensor:
+    """All features in one preallocated float16 tensor, read shard by shard (no concatenated copy)."""
+    out = torch.empty((n, k, dim), dtype=torch.float16)
+    view, at = out.numpy(), 0
+    for path in shards:
+        with open_shard(path, "regions") as f:
+            dset = f["features"]
+            m = dset.shape[0]
+            if m:
+                if dset.dtype == np.float16:
+                    dset.read_direct(view, dest_sel=np.s_[at:at + m])
+                else:
+                    view[at:at + m] = dset[()]
+            at += m
+    return out
+
+
+def _vocab_maps(vocab: Any) -> tuple[dict[str, int], dict[str, int], int, int | None]:
+    words, rels = list(vocab.words), list(vocab.relations)
+    unk = getattr(vocab, "unk", "<unk>")
+    word_ix = {w: i for i, w in enumerate(words)}
+    rel_ix = {r: i for i, r in enumerate(rels)}
+    return word_ix, rel_ix, word_ix.get(unk, 0), rel_ix.get(unk)
+
+
+class FragmentStore:
+    """Region cache + triple cache + vocabulary -> tensors (see the module docstring).
+
+    ``splits`` maps image id -> "train" | "val" | "test" (the dataset's split). Images that failed extraction
+    (or are missing from the region cache) are dropped with their captions, with a log line.
+    ``skip_unknown`` drops triples with a word or relation outside the vocabulary (the original code dropped
+    out-of-vocabulary triples); otherwise they map to the vocabulary's unknown entries ("<unk>", index 0).
+    Words are the triples' word forms (head, dep), as the vocabulary counts them.
+    """
+
+    def __init__(self, region_folder: str | Path, triple_folder: str | Path, vocab: Any,
+                 splits: Mapping[str, str], *, skip_unknown: bool = False, memory_budget_bytes: int | None = None):
+        self.region_folder, self.triple_folder = Path(region_folder), Path(triple_folder)
+        if isinstance(vocab, (str, Path)):
+            from pipeline.vocab import load_vocab
+
+            vocab = load_vocab(vocab)
+        self.vocab = vocab
+        self.skip_unknown = skip_unknown
+
+        reg = _read_regions(self.region_folder)
+        self.feat_dim = reg["dim"]
+        known = {i: n for n, i in enumerate(reg["ids"])}
+        in_split = [i for i in reg["ids"] if i in splits]
+        if len(in_split) < len(reg["ids"]):
+            log.warning("%d images of %s are not in the dataset's splits: ignored",
+                        len(reg["ids"]) - len(in_split), self.region_folder)
+        if reg["failed"]:
+            log.warning("%d images failed region extraction and are dropped with their captions (first: %s: %s)",
+                        len(reg["failed"]), *next(iter(reg["failed"].items())))
+        self.image_ids: list[str] = reg["ids"]
+        self.mask = torch.from_numpy(reg["mask"])  # (N, K) bool
+        self.cache_keys = {"regions": self.region_folder.name, "triples": self.triple_folder.name}
+
+        feature_bytes = len(reg["ids"]) * K_FRAGMENTS * self.feat_dim * 2
+        self.feature_bytes = feature_bytes
+        self.streaming = memory_budget_bytes is not None and feature_bytes > memory_budget_bytes
+        if self.streaming:
+            log.info("features (%.2f GB) exceed the memory budget (%.2f GB): streaming from %d shards",
+                     feature_bytes / 1e9, memory_budget_bytes / 1e9, len(reg["shards"]))
+            self.features: MemoryFeatures | ShardFeatures = ShardFeatures(
+                reg["shards"], reg["shard_of"], reg["row_of"], reg["shard_bytes"], memory_budget_bytes)
+        else:
+            self.features = MemoryFeatures(_load_features(reg["shards"], len(reg["ids"]), K_FRAGMENTS,
+                                                          self.feat_dim))
+
+        self._read_triples(known)
+        self._make_splits(splits)
+
+    # -------------------------------------------------------------------------------------- triples
+    def _read_triples(self, known: Mapping[str, int]) -> None:
+        shards = list_shards(self.triple_folder)
+        if not shards:
+            raise CacheError(f"triple cache {self.triple_folder} holds no finished shards: run ParseSentences")
+        word_ix, rel_ix, unk, unk_rel = _vocab_maps(self.vocab)
+        cap_ids, cap_img, lens, rel, w1, w2 = [], [], [], [], [], []
+        dropped_caps, unknown_words, dropped_triples, failed = 0, 0, 0, 0
+        for path in shards:
+            with open_shard(path, "triples") as f:
+                ids, imgs = read_strings(f["caption_ids"]), read_strings(f["image_ids"])
+                offsets = np.asarray(f["offsets"][()], np.int64)
+                r_s, h_s, d_s = (read_strings(f[c]) for c in ("rel", "head", "dep"))
+                failed += len(read_strings(f["failed_ids"])) if "failed_ids" in f else 0
+            # map strings to ids once per shard (a dict lookup per triple; T is a few million at most)
+            r_id = np.array([rel_ix.get(r, -1 if unk_rel is None else unk_rel) for r in r_s], np.int64)
+            h_id = np.array([word_ix.get(w, unk) for w in h_s], np.int64)
+            d_id = np.array([word_ix.get(w, unk) for w in d_s], np.int64)
+            is_unk = (h_id == unk) | (d_id == unk) | (r_id == (-1 if unk_rel is None else unk_rel))
+            unknown_words += int(is_unk.sum())
+            keep = ~is_unk if self.skip_unknown else r_id >= 0
+            dropped_triples += int((~keep).sum())
+            cap_of = np.repeat(np.arange(len(ids)), np.diff(offsets))  # (T_shard,) caption of each triple
+            for m, (cid, iid) in enumerate(zip(ids, imgs)):
+                if iid not in known:
+                    dropped_caps += 1
+                    keep[offsets[m]:offsets[m + 1]] = False
+            kept_caps = np.array([iid in known for iid in imgs], bool)
+            cap_ids += [c for c, k in zip(ids, kept_caps) if k]
+            cap_img += [known[i] for i, k in zip(imgs, kept_caps) if k]
+            lens.append(np.bincount(cap_of[keep], minlength=len(ids))[kept_caps])
+            rel.append(r_id[keep]), w1.append(h_id[keep]), w2.append(d_id[keep])
+        if dropped_caps:
+            log.warning("%d captions dropped: their image is not in the region cache %s (failed extraction?)",
+                        dropped_caps, self.region_folder)
+        if failed:
+            log.warning("%d captions failed parsing in %s and have no triples", failed, self.triple_folder)
+        log.info("triples: %d kept, %d dropped, %d with an unknown word or relation (skip_unknown=%s)",
+                 sum(len(r) for r in rel), dropped_triples, unknown_words, self.skip_unknown)
+        self.caption_ids: list[str] = cap_ids
+        self.caption_image = torch.as_tensor(np.asarray(cap_img, np.int64))  # (M,) global image row
+        lens_all = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        self.offsets = torch.zeros(len(cap_ids) + 1, dtype=torch.long)
+        self.offsets[1:] = torch.from_numpy(np.cumsum(lens_all))
+        self.rel, self.w1, self.w2 = (torch.from_numpy(np.concatenate(x) if x else np.zeros(0, np.int64))
+                                      for x in (rel, w1, w2))
+
+    def _make_splits(self, splits: Mapping[str, str]) -> None:
+        split_of = np.array([splits.get(i, "") for i in self.image_ids], dtype=object)
+        self.splits: dict[str, Split] = {}
+        cap_img = self.caption_image.numpy()
+        for name in ("train", "val", "test"):
+            rows = np.flatnonzero(split_of == name)
+            local = np.full(len(self.image_ids), -1, np.int64)
+            local[rows] = np.arange(len(rows))
+            caps = np.flatnonzero(local[cap_img] >= 0) if len(cap_img) else np.zeros(0, np.int64)
+            self.splits[name] = Split(name, self, torch.from_numpy(rows), torch.from_numpy(caps),
+                                      torch.from_numpy(local[cap_img[caps]]))
+        log.info("fragment store: %s", ", ".join(f"{s.name} {s.n_images} images / {s.n_captions} captions"
+                                                  for s in self.splits.values()))
+
+    # -------------------------------------------------------------------------------------- access
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise KeyError(f"no split {name!r}; the store has {sorted(self.splits)}")
+        return self.splits[name]
+
+    @property
+    def n_words(self) -> int:
+        return len(self.vocab.words)
+
+    @property
+    def n_relations(self) -> int:
+        return len(self.vocab.relations)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    def to(self, device: str | torch.device) -> "FragmentStore":
+        """Move index tensors (and in-memory features) to ``device`` once; the trainer gathers there."""
+        device = torch.device(device)
+        for name in ("mask", "offsets", "rel", "w1", "w2", "caption_image"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.features = self.features.to(device)
+        for s in self.splits.values():
+            s.rows, s.cap_rows, s.caption_image = s.rows.to(device), s.cap_rows.to(device), s.caption_image.to(device)
+        return self
+
+    def describe(self) -> dict:
+        return {"images": len(self.image_ids), "captions": len(self.caption_ids), "triples": int(self.rel.numel()),
+                "feat_dim": self.feat_dim, "feature_bytes": self.feature_bytes, "streaming": self.streaming,
+                **{f"{n}_images": s.n_images for n, s in self.splits.items()}}
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, split: Split, device: str | torch.device | None = None,
+           batch: int = 500) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every fragment of a split through the model: img_vecs (Ni, h), img_owner (Ni,) in [0, n_images),
+    sent_vecs (Ns, h), sent_owner (Ns,) in [0, n_captions) — the input of ``pair_scores``/``score_matrix``.
+
+    Validation and evaluation both call this. Images and captions go through in chunks of ``batch``.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    iv, io, sv, so = [], [], [], []
+    for a in range(0, split.n_images, batch):
+        idx = torch.arange(a, min(a + batch, split.n_images))
+        feats, mask = split.images(idx)
+        v, o = model.image_fragments(feats.to(device), mask.to(device))
+        iv.append(v), io.append(o + a)
+    for a in range(0, split.n_captions, batch):
+        idx = torch.arange(a, min(a + batch, split.n_captions))
+        rel, w1, w2, owner = (t.to(device) for t in split.triples(idx))
+        s, o = model.sentence_fragments(rel, w1, w2, owner)
+        sv.append(s), so.append(o + a)
+    model.train(was_training)
+    h = model.h
+
+    def cat(xs, shape):
+        return torch.cat(xs) if xs else torch.zeros(shape, device=device)
+
+    return (cat(iv, (0, h)), cat(io, (0,)).long(), cat(sv, (0, h)), cat(so, (0,)).long())

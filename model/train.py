@@ -1,0 +1,368 @@
+"""TrainEmbedding's work: learn the DeFrag projections over the cached fragments.
+
+    loss = defrag_cost(batch) / B      the objective's sums divided by the batch's number of pairs B
+
+Dividing by B keeps the step size independent of the batch size (the paper's lr 1e-5 was for its own scale);
+weight decay (the paper's alpha) is the optimizer's L2 term on every parameter. Batches never hold two captions
+of one image (model/batches.py). An epoch visits every training caption once. After every epoch: R@1/5/10
+both ways on the val split, checkpoint-last.pt (atomic), checkpoint-best.pt by the sum of the six recalls,
+a line in log.jsonl and curves.png. ``resume=True`` continues from checkpoint-last.pt and reproduces an
+uninterrupted run (the batch order of epoch e depends only on (seed, e); model, optimizer and RNG states
+are restored).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.cache import cache_key
+from pipeline.devices import resolve_device
+
+from .batches import epoch_batches
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .defrag import DeFrag
+from .objective import defrag_cost, pair_scores
+from .store import FragmentStore, Split, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 100
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-5  # the paper's alpha (L2 on all parameters)
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    seed: int = 0
+    # model
+    h: int = 1000
+    d: int = 200
+    shared_relation: bool = False
+    word_vectors: str = ""  # word2vec/GloVe text file; "" = random
+    freeze_words: bool = False
+    skip_unknown: bool = False
+    # objective
+    use_fragment: bool = True
+    use_global: bool = True
+    use_mil: bool = True
+    fragment_margin: float = 1.0
+    fragment_scale: float = 1.0
+    global_margin: float = 40.0
+    global_scale: float = 0.5
+    smooth: float = 10.0
+    threshold_global: bool = True
+    # running (not part of the run's identity)
+    device: str = "auto"
+    memory_budget_gb: float = 8.0
+    progress: bool = True
+
+    RUNTIME = ("device", "progress", "epochs")  # may change between a run and its resume
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("use_fragment", "use_global", "use_mil", "fragment_margin",
+                                              "fragment_scale", "global_margin", "global_scale", "smooth",
+                                              "threshold_global")}
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str) -> str:
+    """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary."""
+    return "defrag-" + cache_key({"config": config.identity(), "cache_keys": dict(cache_keys),
+                                  "vocab": vocab_key}, length=10)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """R@1/5/10 both ways (and medr, meanr) on a split, with the model's global score S_kl."""
+    if split.n_images == 0 or split.n_captions == 0:
+        return None
+    from .evaluate import retrieval_metrics, score_matrix
+    iv, io, sv, so = encode(model, split, device)
+    scores = score_matrix(iv, io, split.n_images, sv, so, split.n_captions, score_fn=pair_scores,
+                          smooth=config.smooth, threshold=config.threshold_global)
+    m = retrieval_metrics(scores, split.caption_image.cpu())
+    m["rsum"] = 100.0 * sum(m[d][f"r{k}"] for d in ("annotation", "search") for k in (1, 5, 10))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_log(path: Path, upto_epoch: int) -> list[dict]:
+    """Records of log.jsonl up to an epoch (a resumed run drops what a killed epoch wrote after its checkpoint)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("epoch", 0) <= upto_epoch:
+                out.append(rec)
+    return out
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """curves.png: training loss (and its two terms) per step and epoch; validation recalls per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="loss (steps)")
+    if epochs:
+        x = [r["step"] for r in epochs]
+        for k in ("loss", "fragment", "global"):
+            a.plot(x, [r[k] for r in epochs], marker="o", label=f"{k} (epoch mean)")
+        val = [r for r in epochs if r.get("val")]
+        for d in ("annotation", "search"):
+            for k in (1, 5, 10):
+                b.plot([r["epoch"] for r in val], [100 * r["val"][d][f"r{k}"] for r in val], marker=".",
+                       ls="-" if d == "annotation" else "--", label=f"{d} R@{k}")
+    a.set_xlabel("step"), a.set_ylabel("loss / pair"), a.set_yscale("symlog"), a.legend(fontsize=7)
+    b.set_xlabel("epoch"), b.set_ylabel("val recall (%)"), b.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _optimizer(model: DeFrag, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+def _window_groups(split: Split, store: FragmentStore, generator: torch.Generator) -> list[torch.Tensor] | None:
+    """When features stream from shards: caption groups of windows of shards that fit half the budget, so each
+    shard is read about once per epoch. None when features are in memory."""
+    if not store.streaming:
+        return None
+    feats = store.features
+    shard = torch.as_tensor(feats.shard_of)[split.rows.cpu()]  # (N,) shard of each split image
+    cap_shard = shard[split.caption_image.cpu()]  # (M,)
+    order = torch.unique(shard)[torch.randperm(int(torch.unique(shard).numel()), generator=generator)]
+    groups, window, used = [], [], 0
+    for s in order.tolist():
+        if window and used + feats.shard_bytes[s] > feats.max_bytes // 2:
+            groups.append(torch.isin(cap_shard, torch.tensor(window)).nonzero().squeeze(1))
+            window, used = [], 0
+        window.append(s)
+        used += feats.shard_bytes[s]
+    if window:
+        groups.append(torch.isin(cap_shard, torch.tensor(window)).nonzero().squeeze(1))
+    return groups
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(st["cuda"]))
+
+
+def _place(store: FragmentStore, device: torch.device) -> None:
+    """Move the store to the GPU once when its features fit (with room to train); else gather on the CPU."""
+    if device.type != "cuda":
+        return
+    need = 0 if store.streaming else store.feature_bytes
+    free = torch.cuda.mem_get_info(device)[0]
+    if need < 0.7 * free:
+        store.to(device)
+    else:
+        log.info("features (%.2f GB) do not fit the GPU's free %.2f GB: batches are gathered on the CPU",
+                 need / 1e9, free / 1e9)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, triple_folder: str | Path,
+          vocab_path: str | Path | Any, run_dir: str | Path, *, splits: Mapping[str, str] | None = None,
+          run_name_: str | None = None, resume: bool = False, store: FragmentStore | None = None) -> dict[str, Any]:
+    """Train DeFrag on the caches; write the run folder ``<run_dir>/<run name>/``; return the summary.
+
+    ``splits`` maps image id -> split (the dataset's); ``store`` may pass an already built FragmentStore
+    (benchmarks and tests reuse one). ``resume`` continues from checkpoint-last.pt of the run folder.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    device = torch.device(resolve_device(cfg.device))
+    if store is None:
+        if splits is None:
+            raise ValueError("train() needs the dataset's splits (image id -> split) or a built store")
+        store = FragmentStore(region_folder, triple_folder, vocab_path, splits, skip_unknown=cfg.skip_unknown,
+                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30))
+    vocab_key = str(store.vocab.key)
+    name = run_name_ or run_name(cfg, store.cache_keys, vocab_key)
+    out = Path(run_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    train_split, val_split = store.split("train"), store.split("val")
+    if train_split.n_captions == 0:
+        raise ValueError(f"no training captions in {triple_folder} with images in {region_folder}: "
+                         "check the caches and the dataset's train split")
+
+    torch.manual_seed(cfg.seed)
+    word_init = None
+    if cfg.word_vectors:
+        from .wordvecs import load_word_vectors
+
+        word_init, _ = load_word_vectors(cfg.word_vectors, list(store.vocab.words), cfg.d,
+                                         torch.randn(store.n_words, cfg.d) * cfg.d ** -0.5)
+    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
+                   shared_relation=cfg.shared_relation, word_vectors=word_init,
+                   freeze_words=cfg.freeze_words).to(device)
+    opt = _optimizer(model, cfg)
+    start_epoch, best, history = 0, None, []
+
+    sources = {"regions": str(region_folder), "triples": str(triple_folder), "vocab": str(vocab_path)}
+    last_path = out / LAST
+    if last_path.exists() and not resume:
+        raise CheckpointError(f"{out} already holds a run ({LAST}): pass resume (--resume) to continue it, or "
+                              "another run name (--run-name) to start a new one")
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, vocab_key, store.cache_keys, map_location=device)
+        if ckpt["config"] != {**cfg.identity()}:
+            diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.identity().items() if ckpt["config"].get(k) != v}
+            raise CheckpointError(f"{last_path} was trained with other options (checkpoint, now): {diff}; "
+                                  "resume with the same options or start a new run (--run-name)")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt["history"])
+        log.info("resuming %s after epoch %d", out, start_epoch)
+    _atomic_write(out / "config.json", json.dumps({"name": name, "config": asdict(cfg), "sources": sources,
+                                                   "cache_keys": store.cache_keys, "vocab_key": vocab_key,
+                                                   "store": store.describe()}, indent=2) + "\n")
+    records = _read_log(out / "log.jsonl", start_epoch)
+    _atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    _place(store, device)
+    obj = cfg.objective_kwargs()
+    steps_per_log = 20
+    step = history[-1]["step"] if history else 0
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # the epoch's batches: (seed, epoch)
+        batches = epoch_batches(train_split.caption_image, cfg.batch_size, gen,
+                                _window_groups(train_split, store, gen))
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
+        window = torch.zeros(3, dtype=torch.float64, device=device)
+        n_win = 0
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        log_lines = []
+        for b, caps in enumerate(batches):
+            caps = caps.to(store.device)
+            img = train_split.caption_image[caps]  # (B,) images of the batch, all different
+            feats, mask = train_split.images(img)  # (B, K, D) float16, (B, K)
+            rel, w1, w2, owner = train_split.triples(caps)  # (T,) each
+            iv, io = model.image_fragments(feats.to(device, non_blocking=True), mask.to(device))
+            sv, so = model.sentence_fragments(rel.to(device), w1.to(device), w2.to(device), owner.to(device))
+            total, parts = defrag_cost(iv, io, sv, so, len(caps), **obj)
+            loss = total / len(caps)  # per pair: the step size does not depend on B
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            vals = torch.stack([loss.detach(), parts["fragment"].detach() / len(caps),
+                                parts["global"].detach() / len(caps)]).double()
+            sums += vals
+            window += vals
+            n_win += 1
+            if n_win == steps_per_log or b == len(batches) - 1:
+                w = (window / n_win).tolist()  # one device sync per log window, not per step
+                if not math.isfinite(w[0]):
+                    raise FloatingPointError(f"loss became {w[0]} in epoch {epoch + 1}, step {step}: lower the "
+                                             f"learning rate (now {cfg.lr}) or set grad_clip")
+                log_lines.append({"kind": "step", "epoch": epoch + 1, "step": step, "loss": w[0],
+                                  "fragment": w[1], "global": w[2]})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{w[0]:.4g}")
+                window.zero_()
+                n_win = 0
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        train_s = time.time() - t0
+        mean = (sums / max(1, len(batches))).tolist()
+        t1 = time.time()
+        val = validate(model, val_split, cfg, device)
+        rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "loss": mean[0], "fragment": mean[1],
+               "global": mean[2], "batches": len(batches), "train_seconds": train_s,
+               "val_seconds": time.time() - t1, "val": val}
+        history.append(rec)
+        improved = best is None or (val is not None and val["rsum"] > (best.get("val") or {}).get("rsum", -1))
+        if val is None:
+            improved = True  # no val split: the latest epoch is the best we know
+        if improved:
+            best = rec
+        state = {"model": model.state_dict(), "model_config": model.config(), "optimizer": opt.state_dict(),
+                 "epoch": epoch + 1, "rng": _rng_state(), "config": cfg.identity(), "vocab_key": vocab_key,
+                 "cache_keys": dict(store.cache_keys), "vocab_words": list(store.vocab.words),
+                 "vocab_relations": list(store.vocab.relations), "sources": sources, "history": history,
+                 "best": best}
+        save_checkpoint(last_path, state)
+        if improved:
+            save_checkpoint(out / BEST, state)
+        with (out / "log.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log_lines + [rec])
+        records += log_lines + [rec]
+        plot_curves(records, out / "curves.png")
+        v = f", val rsum {val['rsum']:.1f}" if val else ""
+        log.info("epoch %d/%d: loss %.4g (fragment %.4g, global %.4g), %.1fs%s", epoch + 1, cfg.epochs,
+                 mean[0], mean[1], mean[2], train_s, v)
+
+    summary = {"run_dir": str(out), "name": name, "epochs": len(history), "best": best,
+               "last": history[-1] if history else None, "seconds": time.time() - t_run,
+               "device": str(device), "store": store.describe()}
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,202 @@
+"""The DeFrag model, word vectors, the fragment store (over real cache shards) and the batch sampler."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from model.batches import epoch_batches
+from model.defrag import DeFrag
+from model.planted import synthetic_set, write_caches
+from model.store import FragmentStore, encode
+from model.wordvecs import load_word_vectors
+from pipeline.cache import write_region_shard
+from pipeline.vocab import load_vocab
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_sentence_fragments_match_per_triple_formula():
+    torch.manual_seed(0)
+    m = DeFrag(feat_dim=5, n_words=9, n_relations=4, h=6, d=3).double()
+    rel = torch.tensor([2, 0, 2, 3, 1, 0, 2])
+    w1 = torch.tensor([1, 2, 3, 4, 5, 6, 7])
+    w2 = torch.tensor([8, 7, 6, 5, 4, 3, 0])
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    s, o = m.sentence_fragments(rel, w1, w2, owner)
+    for t in range(len(rel)):  # s = ReLU(W_R [W_e w1; W_e w2] + b_R), one W_R per relation
+        e = torch.cat([m.words.weight[w1[t]], m.words.weight[w2[t]]])
+        ref = torch.relu(m.rel_weight[rel[t]] @ e + m.rel_bias[rel[t]])
+        torch.testing.assert_close(s[t], ref)
+    assert torch.equal(o, owner)
+    # gradients reach only the relations used
+    s.sum().backward()
+    assert m.rel_weight.grad[[0, 1, 2, 3]].abs().sum(dim=(1, 2)).gt(0).sum() >= 3
+
+
+def test_shared_relation_uses_one_matrix():
+    m = DeFrag(feat_dim=5, n_words=9, n_relations=4, h=6, d=3, shared_relation=True)
+    assert m.rel_weight.shape == (1, 6, 6)
+    rel = torch.tensor([0, 3])
+    s1, _ = m.sentence_fragments(rel, torch.tensor([1, 1]), torch.tensor([2, 2]), torch.tensor([0, 1]))
+    torch.testing.assert_close(s1[0], s1[1])  # the relation type does not matter
+
+
+def test_masked_rows_never_take_part():
+    m = DeFrag(feat_dim=4, n_words=3, n_relations=1, h=5, d=2)
+    feats = torch.randn(2, 20, 4).half()
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1, [0, 5]] = True
+    v, owner = m.image_fragments(feats, mask)
+    assert v.shape == (5, 5) and owner.tolist() == [0, 0, 0, 1, 1]
+    torch.testing.assert_close(v[4], m.image_proj(feats[1, 5].float()))
+    feats2 = feats.clone()
+    feats2[~mask] = float("nan")  # whatever padding holds never reaches the output
+    v2, _ = m.image_fragments(feats2, mask)
+    assert torch.equal(v, v2)
+
+
+def test_word_vectors_glove_and_word2vec(tmp_path):
+    words = ["<unk>", "dog", "Cat", "ball"]
+    init = torch.zeros(4, 3)
+    glove = tmp_path / "g.txt"
+    glove.write_text("dog 1 2 3\ncat 4 5 6\nzebra 7 8 9\n")
+    out, n = load_word_vectors(glove, words, 3, init)
+    assert n == 2 and out[1].tolist() == [1, 2, 3] and out[2].tolist() == [4, 5, 6] and out[3].abs().sum() == 0
+    w2v = tmp_path / "w.txt"
+    w2v.write_text("2 3\nball 1 1 1\ndog 2 2 2\n")
+    out, n = load_word_vectors(w2v, words, 3, init)
+    assert n == 2 and out[3].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"w.txt:1: the file holds 3-d vectors.*d=4"):
+        load_word_vectors(w2v, words, 4, torch.zeros(4, 4))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("dog 1 2 3\ncat 1 2\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: expected a word and 3 numbers, got 2"):
+        load_word_vectors(bad, words, 3, init)
+    m = DeFrag(4, 4, 1, h=2, d=3, word_vectors=out, freeze_words=True)
+    assert torch.equal(m.words.weight.detach(), out) and not m.words.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    ps = synthetic_set(30, feat_dim=8, concepts_per_image=2, n_concepts=10, val_fraction=0.3, test_fraction=0.1,
+                       seed=1)
+    reg, tri, voc = write_caches(root, ps, image_shard=7, caption_shard=40)
+    return ps, reg, tri, voc
+
+
+def test_store_reads_caches_into_tensors(planted):
+    ps, reg, tri, voc = planted
+    st = FragmentStore(reg, tri, voc, ps.splits)
+    vocab = load_vocab(voc)
+    assert st.features.feats.dtype == torch.float16 and st.features.feats.shape == (30, 20, 8)
+    assert {n: s.n_images for n, s in st.splits.items()} == {"train": 18, "val": 9, "test": 3}
+    tr = st.split("train")
+    assert tr.n_captions == 90
+    # a ragged gather of captions equals the triples written, mapped through the vocabulary
+    idx = torch.tensor([5, 0, 17])
+    rel, w1, w2, owner = tr.triples(idx)
+    want = []
+    for b, m in enumerate(idx.tolist()):
+        g = ps.caption_ids.index(tr.caption_ids[m])
+        want += [(vocab.rel_id(t[0]), vocab.word_id(t[1]), vocab.word_id(t[2]), b) for t in ps.triples[g]]
+    assert list(zip(rel.tolist(), w1.tolist(), w2.tolist(), owner.tolist())) == want
+    # images: features and masks as written, caption -> image consistent
+    feats, mask = tr.images(torch.tensor([3]))
+    i = ps.image_ids.index(tr.image_ids[3])
+    assert np.array_equal(feats[0].numpy(), ps.features[i]) and np.array_equal(mask[0].numpy(), ps.mask[i])
+    cap_img = [tr.image_ids[j] for j in tr.caption_image.tolist()]
+    assert cap_img == [ps.caption_images[ps.caption_ids.index(c)] for c in tr.caption_ids]
+    sub = tr.subset([4, 2])
+    assert sub.image_ids == [tr.image_ids[4], tr.image_ids[2]] and sub.n_captions == 10
+    assert all(sub.image_ids[k] == ps.caption_images[ps.caption_ids.index(c)]
+               for c, k in zip(sub.caption_ids, sub.caption_image.tolist()))
+
+
+def test_store_drops_failed_images_and_unknown_words(planted, tmp_path, caplog):
+    ps, reg, tri, voc = planted
+    # a copy of the region cache where the last shard lost two images (recorded as failed)
+    import shutil
+
+    reg2 = tmp_path / "regions" / reg.name
+    shutil.copytree(reg, reg2)
+    last = sorted(reg2.glob("shard-*.h5"))[-1]
+    keep = slice(0, 0)
+    from pipeline.cache import read_region_shard
+
+    blk = read_region_shard(last)
+    keep = slice(2, None)
+    write_region_shard(last, image_ids=blk.image_ids[keep], image_hw=blk.image_hw[keep], boxes=blk.boxes[keep],
+                       scores=blk.scores[keep], labels=blk.labels[keep], mask=blk.mask[keep],
+                       features=blk.features[keep], failed_ids=blk.image_ids[:2],
+                       failed_reasons=["unreadable", "unreadable"], producer={"backend": "planted", "feature_dim": 8},
+                       dataset={"x": 1}, shard_index=4, num_shards=5)
+    with caplog.at_level(logging.WARNING):
+        st = FragmentStore(reg2, tri, voc, ps.splits)
+    assert "2 images failed region extraction" in caplog.text and "10 captions dropped" in caplog.text
+    assert len(st.caption_ids) == 140 and not set(blk.image_ids[:2]) & set(st.image_ids)
+    # a vocabulary without one word: its triples map to <unk>, or are skipped with skip_unknown
+    vocab = load_vocab(voc)
+    gone = vocab.words[1]
+    vocab.words = [w for w in vocab.words if w != gone]
+    vocab.word_counts = vocab.word_counts[:len(vocab.words)]
+    n_gone = sum(1 for ts in ps.triples for t in ts if gone in (t[1], t[2]))
+    full = FragmentStore(reg, tri, vocab, ps.splits)
+    skip = FragmentStore(reg, tri, vocab, ps.splits, skip_unknown=True)
+    assert int(((full.w1 == 0) | (full.w2 == 0)).sum()) == n_gone > 0
+    assert skip.rel.numel() == full.rel.numel() - n_gone and int((skip.w1 == 0).sum() + (skip.w2 == 0).sum()) == 0
+
+
+def test_streaming_store_matches_memory(planted):
+    ps, reg, tri, voc = planted
+    mem = FragmentStore(reg, tri, voc, ps.splits)
+    shard_bytes = 7 * 20 * 8 * 2
+    stream = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes)
+    assert stream.streaming and not mem.streaming
+    for name, idx in (("train", [0, 17, 3, 9, 12]), ("val", [8, 0, 4])):
+        a, b = mem.split(name).images(torch.tensor(idx)), stream.split(name).images(torch.tensor(idx))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert len(stream.features.cache) <= 2  # the LRU never holds more than the budget
+    torch.manual_seed(0)
+    m = DeFrag(8, len(load_vocab(voc).words), len(load_vocab(voc).relations), h=6, d=4)
+    for x, y in zip(encode(m, mem.split("val"), "cpu", batch=4), encode(m, stream.split("val"), "cpu", batch=4)):
+        assert torch.equal(x, y)
+
+
+def test_encode_owners_cover_the_split(planted):
+    ps, reg, tri, voc = planted
+    st = FragmentStore(reg, tri, voc, ps.splits)
+    v = load_vocab(voc)
+    m = DeFrag(8, len(v.words), len(v.relations), h=6, d=4)
+    iv, io, sv, so = encode(m, st.split("val"), batch=4)
+    val = st.split("val")
+    assert iv.shape == (int(st.mask[val.rows].sum()), 6) and io.max() == val.n_images - 1
+    assert sv.shape[0] == so.shape[0] == 3 * val.n_captions and torch.equal(so, so.sort().values)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+def test_batches_never_repeat_an_image_and_cover_every_caption():
+    g = torch.Generator().manual_seed(0)
+    cap_img = torch.tensor(np.random.default_rng(0).integers(0, 57, 400))  # uneven captions per image
+    batches = epoch_batches(cap_img, 16, g)
+    allc = torch.cat(batches)
+    assert sorted(allc.tolist()) == list(range(400))
+    for b in batches:
+        assert len(b) <= 16 and len(set(cap_img[b].tolist())) == len(b)
+    again = epoch_batches(cap_img, 16, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    groups = [torch.arange(0, 200), torch.arange(200, 400)]
+    gb = epoch_batches(cap_img, 16, torch.Generator().manual_seed(1), groups)
+    seen_second = False
+    for b in gb:  # groups in order, never mixed
+        first = bool((b < 200).all())
+        assert first or bool((b >= 200).all())
+        seen_second |= not first
+        assert not (first and seen_second)

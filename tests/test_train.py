@@ -1,0 +1,140 @@
+"""The trainer on planted caches: it learns, resumes bit-for-bit, refuses foreign checkpoints, streams."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_model
+from model.defrag import DeFrag
+from model.planted import synthetic_set, write_caches
+from model.store import FragmentStore
+from model.train import TrainConfig, train, validate
+
+SMALL = dict(h=32, d=16, batch_size=20, lr=1e-2, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    ps = synthetic_set(150, feat_dim=32, n_concepts=30, val_fraction=0.2, seed=3)
+    reg, tri, voc = write_caches(root, ps, image_shard=40, caption_shard=200)
+    return ps, reg, tri, voc
+
+
+def _store(caches, **kw):
+    ps, reg, tri, voc = caches
+    return FragmentStore(reg, tri, voc, ps.splits, **kw)
+
+
+def test_training_lowers_loss_and_raises_recall(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    cfg = TrainConfig(epochs=4, **SMALL)
+    store = _store(caches)
+    torch.manual_seed(cfg.seed)
+    untrained = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d)
+    before = validate(untrained, store.split("val"), cfg, torch.device("cpu"))
+    summary = train(cfg, reg, tri, voc, tmp_path, store=store)
+    run = tmp_path / summary["name"]
+    epochs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["loss"] < 0.5 * epochs[0]["loss"]
+    after = summary["best"]["val"]
+    assert after["rsum"] > before["rsum"] + 100  # out of 600; chance on 30 images is about 60
+    assert after["search"]["r1"] > 2 * before["search"]["r1"]
+    for name in (LAST, BEST, "curves.png", "config.json", "summary.json"):
+        assert (run / name).stat().st_size > 0
+    # the best checkpoint rebuilds the model (weights_only load) and scores as it did
+    model, ckpt = load_model(run, "cpu")
+    assert ckpt["epoch"] == summary["best"]["epoch"]
+    again = validate(model, store.split("val"), cfg, torch.device("cpu"))
+    assert again["rsum"] == pytest.approx(after["rsum"])
+    torch.load(run / LAST, weights_only=True)
+
+
+def test_resume_equals_uninterrupted(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    store = _store(caches)
+    straight = train(TrainConfig(epochs=2, **SMALL), reg, tri, voc, tmp_path / "a", store=store)
+    train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path / "b", store=store,
+          run_name_=straight["name"])
+    resumed = train(TrainConfig(epochs=2, **SMALL), reg, tri, voc, tmp_path / "b", store=store,
+                    run_name_=straight["name"], resume=True)
+    a = torch.load(tmp_path / "a" / straight["name"] / LAST, weights_only=True)
+    b = torch.load(tmp_path / "b" / straight["name"] / LAST, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    assert resumed["last"]["loss"] == straight["last"]["loss"]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / straight["name"] / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log_b if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_checkpoint_refusals(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    store = _store(caches)
+    s = train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path, store=store)
+    last = tmp_path / s["name"] / LAST
+    ok = load_checkpoint(last, store.vocab.key, store.cache_keys)
+    assert ok["vocab_key"] == store.vocab.key
+    with pytest.raises(CheckpointError, match=rf"vocabulary '{store.vocab.key}'.*vocabulary 'other'"):
+        load_checkpoint(last, expect_vocab_key="other")
+    with pytest.raises(CheckpointError, match=rf"regions cache '{reg.name}'.*reads 'elsewhere-1'"):
+        load_checkpoint(last, expect_cache_keys={"regions": "elsewhere-1"})
+    # the same run folder: no silent overwrite, and no resume with other options
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path, store=store, run_name_=s["name"])
+    with pytest.raises(CheckpointError, match=r"other options.*'lr': \(0.01, 0.5\)"):
+        train(TrainConfig(epochs=2, **{**SMALL, "lr": 0.5}), reg, tri, voc, tmp_path, store=store,
+              run_name_=s["name"], resume=True)
+    # a store over another vocabulary refuses to resume the run
+    other = synthetic_set(150, feat_dim=32, n_concepts=31, val_fraction=0.2, seed=3)
+    reg2, tri2, voc2 = write_caches(tmp_path / "other", other, image_shard=40, caption_shard=200)
+    store2 = FragmentStore(reg, tri, voc2, ps.splits)
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        train(TrainConfig(epochs=2, **SMALL), reg, tri, voc2, tmp_path, store=store2, run_name_=s["name"],
+              resume=True)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="damaged.pt cannot be read"):
+        load_checkpoint(damaged)
+
+
+def test_streaming_training_reads_shards_through_a_bounded_cache(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    budget_gb = 3 * 40 * 20 * 32 * 2 / 2**30  # three shards of the five
+    store = _store(caches, memory_budget_bytes=int(budget_gb * 2**30))
+    assert store.streaming
+    s = train(TrainConfig(epochs=2, memory_budget_gb=budget_gb, **SMALL), reg, tri, voc, tmp_path, store=store)
+    feats = store.features
+    assert len(feats.cache) <= 3 and feats.loads <= 2 * 8  # shard windows: each shard read about once an epoch
+    assert s["last"]["loss"] < s["best"]["loss"] * 1.5 and s["best"]["val"]["rsum"] > 150
+
+
+def test_ablations_run(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    store = _store(caches)
+    for kw in (dict(use_fragment=False), dict(use_global=False, use_mil=False), dict(shared_relation=True)):
+        s = train(TrainConfig(epochs=1, **{**SMALL, **kw}), reg, tri, voc, tmp_path, store=store)
+        assert s["last"]["loss"] > 0 and s["best"]["val"] is not None
+        if kw.get("use_fragment") is False:
+            assert s["last"]["fragment"] == 0
+        if kw.get("use_global") is False:
+            assert s["last"]["global"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs cuda")
+def test_cuda_training_matches_cpu_closely(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    cpu = train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path / "cpu", store=_store(caches))
+    gpu_store = _store(caches)
+    gpu = train(TrainConfig(epochs=1, **{**SMALL, "device": "cuda"}), reg, tri, voc, tmp_path / "gpu",
+                store=gpu_store)
+    assert gpu_store.mask.device.type == "cuda"  # the fragments were moved to the GPU once
+    assert gpu["last"]["loss"] == pytest.approx(cpu["last"]["loss"], rel=1e-3)
+    model, _ = load_model(tmp_path / "gpu" / gpu["name"], "cpu")
+    assert next(model.parameters()).device.type == "cpu"
