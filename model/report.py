@@ -1,0 +1,240 @@
+"""A static HTML report of a run: ``<run>/report/index.html``.
+
+The metrics table (the paper's layout), the training curves, and for a sample of the split's queries the top
+retrievals both ways, each with the alignment picture of the query and its top result (and of the query and its
+right answer when the top result is wrong). Everything the page shows is copied into the report folder and
+linked by relative paths, so the folder opens offline, anywhere, in any browser.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .evaluate import first_captions, protocol_metrics
+from .explain import draw_alignment
+from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, region_boxes, split_scores,
+                   triple_labels)
+
+log = logging.getLogger(__name__)
+
+THUMB_PX = 240
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    item_id: str
+    text: str = ""  # caption text (annotation)
+    image: str = ""  # thumbnail, relative to the report folder (search)
+    correct: bool = False
+
+
+@dataclass
+class Example:
+    query_id: str
+    query_text: str = ""
+    query_image: str = ""
+    right_rank: int = 0  # rank of the (best) right answer, pessimistic on ties
+    hits: list[Hit] = field(default_factory=list)
+    pictures: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "item"
+
+
+def _thumbnail(src: Path, dest: Path) -> None:
+    if dest.exists():
+        return
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        im.save(dest, "JPEG", quality=85)
+
+
+class _Builder:
+    def __init__(self, run: Run, split_name: str, folder: Path, per_region: int):
+        self.run, self.folder, self.per_region = run, folder, per_region
+        self.split = run.store.split(split_name)
+        self.image_ids = self.split.image_ids
+        self.caption_ids = self.split.caption_ids
+        self.texts = {c.caption_id: c.text for c in run.dataset.captions}
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "align").mkdir(exist_ok=True)
+        self._boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def thumb(self, i: int) -> str:
+        iid = self.image_ids[i]
+        rel = f"images/{_safe(iid)}.jpg"
+        _thumbnail(self.run.dataset.image_path(iid), self.folder / rel)
+        return rel
+
+    def picture(self, i: int, j: int, tag: str) -> tuple[str, str]:
+        """The alignment picture of split image i and split caption j."""
+        iid, cid = self.image_ids[i], self.caption_ids[j]
+        if iid not in self._boxes:
+            self._boxes.update(region_boxes(self.run.store, [iid]))
+        boxes, mask = self._boxes[iid]
+        rel_, w1, w2 = caption_triples(self.split, j)
+        dots, _ = alignment_dots(self.run, self.split, i, rel_, w1, w2)
+        rel = f"align/{tag}-{_safe(iid)}-{_safe(cid)}.png"
+        draw_alignment(self.run.dataset.image_path(iid), boxes, mask, dots,
+                       triple_labels(self.run.store, rel_, w1, w2), self.folder / rel,
+                       title=self.texts.get(cid, cid), per_region=self.per_region)
+        return rel, f"{iid} with “{self.texts.get(cid, cid)}”"
+
+
+def _pessimistic_rank(column: np.ndarray, right: np.ndarray) -> int:
+    """1 + the number of wrong candidates scoring at least the best right one."""
+    best = column[right].max()
+    return int(1 + ((column >= best) & ~right).sum())
+
+
+def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None = None, *, n_queries: int = 4,
+                 top: int = 5, seed: int = 0, per_region: int = 3, captions_per_image: int = 5) -> Path:
+    """Write the report folder (default ``<run>/report``) and return its index.html."""
+    final = Path(out_dir) if out_dir else run.folder / "report"
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    b = _Builder(run, split_name, tmp, per_region)
+    split = b.split
+    scores = split_scores(run, split).numpy()  # (n_images, n_captions)
+    cap_img = split.caption_image.cpu().numpy()
+    keep = first_captions(cap_img, captions_per_image)
+    metrics = protocol_metrics(scores[:, keep], cap_img[keep])
+    result = {**metrics, "run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
+              "captions_per_image": captions_per_image, "dataset": run.dataset.describe()}
+
+    rng = np.random.default_rng(seed)
+    with_caps = np.unique(cap_img)
+    img_q = rng.choice(with_caps, size=min(n_queries, len(with_caps)), replace=False)
+    cap_q = rng.choice(len(cap_img), size=min(n_queries, len(cap_img)), replace=False)
+
+    annotation = []
+    for i in img_q.tolist():
+        row, right = scores[i], cap_img == i
+        order = np.argsort(-row, kind="stable")[:top]
+        ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=_pessimistic_rank(row, right))
+        ex.hits = [Hit(r + 1, float(row[j]), b.caption_ids[j], text=b.texts.get(b.caption_ids[j], ""),
+                       correct=bool(right[j])) for r, j in enumerate(order.tolist())]
+        ex.pictures.append(b.picture(i, int(order[0]), "top"))
+        if not right[order[0]]:
+            own = np.flatnonzero(right)
+            ex.pictures.append(b.picture(i, int(own[np.argmax(row[own])]), "right"))
+        annotation.append(ex)
+
+    search = []
+    for j in cap_q.tolist():
+        col, right = scores[:, j], np.arange(len(scores)) == cap_img[j]
+        order = np.argsort(-col, kind="stable")[:top]
+        cid = b.caption_ids[j]
+        ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=_pessimistic_rank(col, right))
+        ex.hits = [Hit(r + 1, float(col[i]), b.image_ids[i], image=b.thumb(i), correct=bool(right[i]))
+                   for r, i in enumerate(order.tolist())]
+        ex.pictures.append(b.picture(int(order[0]), j, "top"))
+        if not right[order[0]]:
+            ex.pictures.append(b.picture(int(cap_img[j]), j, "right"))
+        search.append(ex)
+
+    curves = run.folder / "curves.png"
+    if curves.exists():
+        shutil.copyfile(curves, tmp / "curves.png")
+    (tmp / "index.html").write_text(render_html(run, result, annotation, search, curves.exists(), top),
+                                    encoding="utf-8")
+    if final.exists():  # swap in the finished folder; a killed build leaves only the temporary one
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    log.info("report: %s", final / "index.html")
+    return final / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.query { border-top: 2px solid #888; margin-top: 2em; padding-top: 0.5em; }
+.hits td, .hits th { vertical-align: middle; text-align: left; }
+.right { background: #e3f6e3; }
+.pictures img, .curves img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0; }
+.thumb { max-height: 120px; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _md_table_to_html(md: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in md.splitlines() if r.startswith("|")]
+    head, body = rows[0], rows[2:]
+    out = ["<table>", "<tr>" + "".join(f"<th>{_e(c.strip())}</th>" for c in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{_e(c.strip())}</td>" for c in r) + "</tr>" for r in body]
+    return "\n".join(out + ["</table>"])
+
+
+def _pictures(ex: Example) -> str:
+    return "<div class='pictures'>" + "".join(
+        f"<figure><img src='{_e(p)}' alt='{_e(c)}'><figcaption>{_e(c)}</figcaption></figure>"
+        for p, c in ex.pictures) + "</div>"
+
+
+def render_html(run: Run, result: dict, annotation: list[Example], search: list[Example], curves: bool,
+                top: int) -> str:
+    md = evaluation_markdown(result)
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>defrag report: {_e(run.name)}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>defrag run <code>{_e(run.name)}</code></h1>",
+             f"<p>Dataset <b>{_e(result['dataset']['name'])}</b>, split <b>{_e(result['split'])}</b>: "
+             f"{result['all']['n_images']} images, {result['all']['n_captions']} captions; checkpoint of epoch "
+             f"{result['checkpoint_epoch']}. Scores are the model's S<sub>kl</sub>; a right answer is shaded.</p>",
+             "<h2>Retrieval</h2>", _md_table_to_html(md.split("\n\n")[1]),
+             "<p>Recalls in %; ranks start at 1; ties are ranked pessimistically.</p>"]
+    if curves:
+        parts += ["<h2>Training</h2><div class='curves'><img src='curves.png' alt='training curves'></div>"]
+    parts.append(f"<h2>Image annotation: top {top} captions for sample images</h2>")
+    for ex in annotation:
+        parts.append(f"<div class='query'><h3>{_e(ex.query_id)} <small>(best right caption at rank "
+                     f"{ex.right_rank})</small></h3><img class='thumb' src='{_e(ex.query_image)}' "
+                     f"alt='{_e(ex.query_id)}'>")
+        parts.append("<table class='hits'><tr><th>rank</th><th>score</th><th>caption</th></tr>" + "".join(
+            f"<tr class='{'right' if h.correct else ''}'><td>{h.rank}</td><td>{h.score:.3f}</td>"
+            f"<td>{_e(h.text)} <small>({_e(h.item_id)})</small></td></tr>" for h in ex.hits) + "</table>")
+        parts.append(_pictures(ex) + "</div>")
+    parts.append(f"<h2>Image search: top {top} images for sample captions</h2>")
+    for ex in search:
+        parts.append(f"<div class='query'><h3>“{_e(ex.query_text)}” <small>({_e(ex.query_id)}; right image at "
+                     f"rank {ex.right_rank})</small></h3>")
+        parts.append("<table class='hits'><tr><th>rank</th><th>score</th><th>image</th><th>id</th></tr>" + "".join(
+            f"<tr class='{'right' if h.correct else ''}'><td>{h.rank}</td><td>{h.score:.3f}</td>"
+            f"<td><img class='thumb' src='{_e(h.image)}' alt='{_e(h.item_id)}'></td><td>{_e(h.item_id)}</td></tr>"
+            for h in ex.hits) + "</table>")
+        parts.append(_pictures(ex) + "</div>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def report_images(index: str | Path) -> list[str]:
+    """Every image the page links (src attributes), as written."""
+    return re.findall(r"<img [^>]*src='([^']*)'", Path(index).read_text(encoding="utf-8"))
+
+
+__all__ = ["build_report", "render_html", "report_images", "Example", "Hit"]

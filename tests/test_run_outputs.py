@@ -1,0 +1,160 @@
+"""Evaluation files, the HTML report (loaded in headless Chromium) and the retrieve CLI on a small real run."""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from model.evaluate import first_captions, retrieval_metrics
+from model.objective import pair_scores
+from model.report import build_report, report_images
+from model.retrieve import main as retrieve_main
+from model.runs import open_run, write_evaluation
+from model.store import encode
+from small_run import build_small_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL = "apt-get update && apt-get install -y chromium"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = build_small_run(tmp_path_factory.mktemp("small-run"))
+    return open_run(folder)
+
+
+def test_evaluation_files_match_metrics_of_the_objective(run):
+    js, md = write_evaluation(run, "test")
+    result = json.loads(js.read_text())
+    split = run.store.split("test")
+    iv, io, sv, so = encode(run.model, split)  # one block, no chunking: an independent path to S_kl
+    scores = pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=run.smooth)
+    keep = first_captions(split.caption_image, 5)
+    expect = retrieval_metrics(scores[:, keep], split.caption_image[keep])
+    for d in ("annotation", "search"):
+        assert result["all"][d] == pytest.approx(expect[d])
+    assert result["all"]["n_images"] == 2 and result["all"]["n_captions"] == 10
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Model"))
+    assert header == ("| Model | Image Annotation R@1 | R@5 | R@10 | Med r | Image Search R@1 | R@5 | R@10 "
+                      "| Med r |")
+    row = lines[lines.index(header) + 2]
+    assert f"| {100 * expect['annotation']['r1']:.1f} |" in row
+    assert not list(run.folder.glob(".*tmp*"))
+
+
+@pytest.fixture(scope="module")
+def report(run):
+    return build_report(run, "test", n_queries=2, top=3)
+
+
+def test_report_is_self_contained(report):
+    folder = report.parent
+    assert folder.name == "report"
+    text = report.read_text()
+    srcs = report_images(report)
+    assert "curves.png" in srcs
+    assert sum(s.startswith("align/") for s in srcs) >= 4  # both directions, a picture per query at least
+    for link in re.findall(r"(?:src|href)='([^']*)'", text):
+        assert not re.match(r"^(/|[a-z]+:)", link), f"absolute link {link}"
+        assert (folder / link).is_file(), link
+    assert "Image Annotation R@1" in text and "Image Search R@1" in text
+    assert not list(folder.parent.glob(".report*"))
+
+
+def test_report_rebuild_replaces_the_folder(run, report):
+    stale = report.parent / "images" / "stale.jpg"
+    stale.write_bytes(b"x")
+    again = build_report(run, "test", n_queries=2, top=3)
+    assert again == report and not stale.exists()  # same queries (seeded): the folder the others check
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed: {INSTALL}")
+    folder = report.parent
+    check = folder / "check-images.html"  # a copy of the page in the same folder, so relative paths resolve
+    script = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.from(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                .map(function (i) { return i.getAttribute("src"); });
+  var d = document.createElement("pre"); d.id = "img-check";
+  d.textContent = JSON.stringify({total: imgs.length, broken: bad});
+  document.body.appendChild(d);
+});
+</script></body>"""
+    check.write_text(report.read_text().replace("</body>", script))
+    try:
+        out = subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+             check.as_uri()], capture_output=True, text=True, timeout=120)
+    finally:
+        check.unlink()
+    m = re.search(r'<pre id="img-check">(.*?)</pre>', out.stdout)
+    assert m, f"Chromium did not run the check (rc {out.returncode}): {out.stderr[-2000:]}"
+    result = json.loads(m.group(1).replace("&quot;", '"'))
+    assert result["broken"] == [] and result["total"] == len(report_images(report))
+
+
+def test_retrieve_ranks_captions_for_an_image(run, capsys):
+    assert retrieve_main(["--run", str(run.folder), "--image", "rocket.jpg", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Captions of the test split for image rocket.jpg")
+    rows = [line for line in out.splitlines() if re.match(r"^\d+\s", line)]
+    assert [r.split()[0] for r in rows] == ["1", "2", "3"]
+    scores = [float(r.split()[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_retrieve_json_matches_the_score_matrix(run, capsys):
+    assert retrieve_main(["--run", str(run.folder), "--image", "chelsea.png", "--top", "10", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    split = run.store.split("test")
+    iv, io, sv, so = encode(run.model, split)
+    scores = pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=run.smooth)
+    row = scores[split.image_ids.index("chelsea.png")]
+    assert len(res["results"]) == 10
+    for r in res["results"]:
+        assert r["score"] == pytest.approx(float(row[split.caption_ids.index(r["id"])]), rel=1e-5)
+        assert r["own"] == r["id"].startswith("chelsea.png#")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "no-such.jpg"], "is not among the 14 images"),
+    (["--image", "astronaut.png"], "pass --split train"),
+    (["--text", "   "], "the sentence is empty"),
+    (["--text", "a cat"], "not made by the Stanza parser"),  # this run's triples come from a test rule
+])
+def test_retrieve_bad_queries_get_a_message(run, capsys, args, message):
+    assert retrieve_main(["--run", str(run.folder)] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_retrieve_missing_run(tmp_path, capsys):
+    assert retrieve_main(["--run", str(tmp_path / "nothing"), "--image", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_retrieve_explain_writes_the_picture(run, tmp_path, capsys):
+    png = tmp_path / "top.png"
+    assert retrieve_main(["--run", str(run.folder), "--image", "rocket.jpg", "--explain", str(png)]) == 0
+    assert f"alignment picture: {png}" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(png).size[0] == 900
+
+
+def test_open_run_without_dataset_record(run, tmp_path):
+    copy = tmp_path / run.folder.name
+    shutil.copytree(run.folder, copy, ignore=shutil.ignore_patterns("dataset.json", "report"))
+    from model.runs import RunError
+
+    with pytest.raises(RunError, match="pass --dataset"):
+        open_run(copy)
+    assert open_run(copy, dataset="demo").store.split("test").n_images == 2
