@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_DTYPES = ("float16", "float32")
 ON_ERROR = ("record", "fail")
+WINDOW_BATCHES = 4  # images are grouped by size within this many batches
 assert MAX_DETECTIONS + 1 == K_FRAGMENTS and WHOLE_IMAGE_ROW == 0
 
 
@@ -148,7 +149,7 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
 
     Unreadable images are recorded (id + reason) and the rest is written; ``on_error="fail"`` raises
     RegionExtractionError at the first one instead (nothing is written then).
-    ``progress(done, total)`` is called after each batch (Luigi's progress bar).
+    ``progress(done, total)`` is called after each group of batches (Luigi's progress bar).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error {on_error!r}: choose one of {', '.join(ON_ERROR)}")
@@ -158,11 +159,17 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
     report = ShardReport(Path(out_path))
     rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
                                              "features")}
-    batch: list[tuple[str, LoadedImage]] = []
+    window: list[tuple[str, LoadedImage]] = []  # a few batches, so images of one size can be batched together
 
     def flush() -> None:
-        results = detector.extract([im.tensor for _, im in batch])
-        for (image_id, im), r in zip(batch, results):
+        # Same-size images share a batch without padding: features do not depend on batch neighbours.
+        order = sorted(range(len(window)), key=lambda i: tuple(window[i][1].tensor.shape))
+        results: list = [None] * len(window)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, r in zip(idx, detector.extract([window[i][1].tensor for i in idx])):
+                results[i] = r
+        for (image_id, im), r in zip(window, results):
             frag = layout_fragments(im.height, im.width, im.to_original(r.boxes.cpu().numpy()),
                                     r.scores.cpu().numpy(), r.labels.cpu().numpy(), r.features.cpu().numpy(),
                                     r.whole.cpu().numpy())
@@ -171,7 +178,7 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
             for k in ("boxes", "scores", "labels", "mask"):
                 rows[k].append(frag[k])
             rows["features"].append(frag["features"].astype(feature_dtype))
-        batch.clear()
+        window.clear()
 
     bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img", leave=False)
     done = 0
@@ -183,9 +190,9 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
             log.warning("skipping image %r: %s", image_id, loaded)
             report.failed[image_id] = f"{loaded.path}: {loaded.reason}"
         else:
-            batch.append((image_id, loaded))
+            window.append((image_id, loaded))
         done += 1
-        if len(batch) >= batch_size or (done == len(items) and batch):
+        if len(window) >= WINDOW_BATCHES * batch_size or (done == len(items) and window):
             flush()
             if progress:
                 progress(done, len(items))

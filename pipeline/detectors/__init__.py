@@ -61,6 +61,23 @@ class Detector:
         raise NotImplementedError
 
 
+def by_group(keys: list, run) -> list:
+    """Call ``run(indices)`` once per distinct key (in first-seen order) and return its results in input order.
+
+    Backends group a batch by padded input size: a batch tensor pads every image to the largest one, and the
+    padding changes features (globally so in MobileNet-v3, whose squeeze-excite layers average over the whole
+    map). Grouping equal sizes keeps every image's features independent of what it was batched with.
+    """
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    out: list = [None] * len(keys)
+    for idx in groups.values():
+        for i, r in zip(idx, run(idx)):
+            out[i] = r
+    return out
+
+
 def _backend(name: str):
     if name.startswith("detectron2:"):
         from . import detectron2_backend

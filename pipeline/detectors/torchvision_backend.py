@@ -1,6 +1,7 @@
 """torchvision Faster R-CNN as a region extractor: one backbone pass gives the detections and their features.
 
-    images  -> model.transform (resize to min_size/max_size, normalise, pad into one batch tensor)
+    images  -> model.transform, one image at a time (resize to min_size/max_size, normalise, pad to /32)
+            -> batched by equal padded size (see detectors.by_group)
             -> model.backbone (FPN feature maps)  -> model.rpn (proposals, resized pixels)
             -> roi_heads.box_roi_pool + box_head (1024-d per proposal) -> box_predictor (class logits, deltas)
             -> select_detections (per-class NMS, one detection per proposal, top k)
@@ -15,12 +16,12 @@ import logging
 from typing import Any
 
 import torch
-import torchvision
 from torchvision.models import detection
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
-from . import (Detector, DetectorError, MAX_DETECTIONS, RegionResult, hub_checkpoint, require_download,
-               weights_identity, weights_kind)
+from . import (Detector, DetectorError, MAX_DETECTIONS, RegionResult, by_group, hub_checkpoint,
+               require_download, weights_identity, weights_kind)
 from .select import select_detections
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,17 @@ class TorchvisionDetector(Detector):
 
     @torch.inference_mode()
     def extract(self, images: list[torch.Tensor]) -> list[RegionResult]:
-        if not images:
-            return []
-        model, rh = self.model, self.model.roi_heads
         imgs = [im.to(self.device, non_blocking=True) for im in images]
         with self._autocast():
-            batch, _ = model.transform(imgs)  # resized + normalised + padded
+            singles = [self.model.transform([im])[0] for im in imgs]  # resized + normalised + padded, one each
+        return by_group([tuple(s.tensors.shape) for s in singles],
+                        lambda idx: self._extract_same_size([imgs[i] for i in idx], [singles[i] for i in idx]))
+
+    def _extract_same_size(self, imgs: list[torch.Tensor], singles: list[ImageList]) -> list[RegionResult]:
+        """One backbone pass over images whose padded inputs have the same shape (so nothing extra is padded)."""
+        model, rh = self.model, self.model.roi_heads
+        batch = ImageList(torch.cat([s.tensors for s in singles]), [s.image_sizes[0] for s in singles])
+        with self._autocast():
             feats = model.backbone(batch.tensors)
             proposals, _ = model.rpn(batch, feats)  # [(P_i, 4)] in resized pixels
             logits, deltas = rh.box_predictor(self._pool(feats, proposals, batch.image_sizes))
@@ -182,4 +188,4 @@ class TorchvisionDetector(Detector):
             return self.model([im.to(self.device, non_blocking=True) for im in images])
 
 
-__all__ = ["MODELS", "FEATURE_DIM", "describe", "build", "TorchvisionDetector", "torchvision"]
+__all__ = ["MODELS", "FEATURE_DIM", "describe", "build", "TorchvisionDetector"]
