@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
 from .objective import pair_scores
-from .store import FragmentStore, Split, encode
+from .store import FragmentStore, Split, _vocab_maps, encode
 
 log = logging.getLogger(__name__)
 
@@ -184,18 +184,14 @@ def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int
 
 def query_triples(store: FragmentStore, triples: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Parsed triples (pipeline.triples.Triple) -> rel, w1, w2 (T,) ids, with the store's rules for unknown
-    words and relations (the training captions went through the same)."""
-    vocab = store.vocab
-    rel_ix = {r: i for i, r in enumerate(vocab.relations)}
-    word_ix = {w: i for i, w in enumerate(vocab.words)}
-    unk = word_ix.get(getattr(vocab, "unk", "<unk>"), 0)
-    unk_rel = rel_ix.get(getattr(vocab, "unk", "<unk>"))
+    words and relations (``FragmentStore._read_triples``: the training captions went through the same)."""
+    word_ix, rel_ix, unk, unk_rel = _vocab_maps(store.vocab)
+    missing_rel = -1 if unk_rel is None else unk_rel
     out = []
     for t in triples:
-        head, dep = (t.head_lemma, t.dep_lemma) if store.use_lemmas else (t.head, t.dep)
-        r = rel_ix.get(t.rel, unk_rel)
-        w1, w2 = word_ix.get(head, unk), word_ix.get(dep, unk)
-        if r is None or (store.skip_unknown and unk in (w1, w2)):
+        r, w1, w2 = rel_ix.get(t.rel, missing_rel), word_ix.get(t.head, unk), word_ix.get(t.dep, unk)
+        is_unk = unk in (w1, w2) or r == missing_rel
+        if (is_unk if store.skip_unknown else r < 0):
             continue
         out.append((r, w1, w2))
     ids = torch.tensor(out, dtype=torch.long).reshape(-1, 3)
