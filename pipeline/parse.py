@@ -13,8 +13,8 @@ Two ways to name the models:
 
 Per caption: HTML entities are unescaped and tags dropped, whitespace collapsed, the caption parsed as one
 sentence, cut to ``max_tokens`` words (recorded as truncated; Stanza's parser batches must hold the longest
-sentence). Empty captions get no triples; a caption Stanza fails on is recorded in the shard's failures and gets
-no triples; neither stops the shard.
+sentence). Captions without a word character (empty, punctuation or emoji only) get no triples; a caption
+Stanza fails on is recorded in the shard's failures and gets no triples; neither stops the shard.
 """
 from __future__ import annotations
 
@@ -176,8 +176,13 @@ def _package_models(s: ParseSettings) -> dict:
     if s.lang not in resources:
         raise _missing(s, f"resources.json has no {s.lang!r} entry")
     lang, _, package, processors = process_pipeline_parameters(s.lang, s.resources_dir, s.package, PROCESSORS)
+    try:
+        resolved = maintain_processor_list(resources, lang, package, processors)
+    except (KeyError, ValueError, TypeError) as e:
+        raise _missing(s, f"resources.json does not describe package {s.package!r} ({type(e).__name__}: {e})") \
+            from None
     out: dict[str, Any] = {"package": s.package}
-    for proc, specs in maintain_processor_list(resources, lang, package, processors):
+    for proc, specs in resolved:
         for spec in specs:
             if spec.package == "identity":
                 continue
@@ -223,7 +228,14 @@ class CaptionInput:
         return not (self.tokens if self.tokens is not None else self.text)
 
 
+_WORD = re.compile(r"\w")
+
+
 def prepare(text: str, tokens: Sequence[str] | None, s: ParseSettings) -> CaptionInput:
+    """Tokens (or text) to parse; a caption without a single word character (empty, punctuation or emoji
+    only) is left empty: it has no fragments to give."""
+    if not _WORD.search(" ".join(tokens) if tokens is not None and s.use_given_tokens else text or ""):
+        return CaptionInput([], "", truncated=False)
     if tokens is not None and s.use_given_tokens:
         toks = [t for t in (_WS.sub("_", str(t).strip()) for t in tokens) if t]
     elif s.local_models:
