@@ -61,6 +61,18 @@ class Detector:
         raise NotImplementedError
 
 
+def results_in_input_pixels(chosen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pooled: torch.Tensor,
+                            images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[RegionResult]:
+    """Per image: (boxes, scores, labels) chosen in resized pixels and the pooled rows (its boxes, then the whole
+    image) -> RegionResult with boxes in the pixels of the tensor the caller gave."""
+    out = []
+    for (b, s, c), f, im, (h, w) in zip(chosen, pooled.split([len(x[0]) + 1 for x in chosen]), images, sizes):
+        ratio = torch.tensor([im.shape[2] / w, im.shape[1] / h] * 2, device=b.device)
+        out.append(RegionResult(boxes=(b * ratio).float(), scores=s.float(), labels=c.long(),
+                                features=f[:-1], whole=f[-1]))
+    return out
+
+
 def by_group(keys: list, run) -> list:
     """Call ``run(indices)`` once per distinct key (in first-seen order) and return its results in input order.
 

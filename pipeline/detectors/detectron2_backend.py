@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import (Detector, DetectorError, MAX_DETECTIONS, RegionResult, by_group, require_download,
-               weights_identity, weights_kind)
+from . import (by_group, Detector, DetectorError, MAX_DETECTIONS, RegionResult, require_download,
+               results_in_input_pixels, weights_identity, weights_kind)
 from .select import select_detections
 
 INSTALL = ("pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
@@ -172,13 +172,7 @@ class Detectron2Detector(Detector):
             finals.append(self._boxes(torch.cat([b, whole])))
         with self._autocast():
             pooled = self._box_features(features, finals).float()
-        out = []
-        for (b, s, c), f, im, (h, w) in zip(chosen, pooled.split([len(x) for x in finals]), images,
-                                            batch.image_sizes):
-            ratio = torch.tensor([im.shape[2] / w, im.shape[1] / h] * 2, device=b.device)
-            out.append(RegionResult(boxes=(b * ratio).float(), scores=s.float(), labels=c.long(),
-                                    features=f[:-1], whole=f[-1]))
-        return out
+        return results_in_input_pixels(chosen, pooled, images, batch.image_sizes)
 
     @torch.inference_mode()
     def forward_bare(self, images: list[torch.Tensor]) -> list[Any]:

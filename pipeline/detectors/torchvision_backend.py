@@ -20,8 +20,8 @@ from torchvision.models import detection
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
-from . import (Detector, DetectorError, MAX_DETECTIONS, RegionResult, by_group, hub_checkpoint,
-               require_download, weights_identity, weights_kind)
+from . import (by_group, Detector, DetectorError, hub_checkpoint, MAX_DETECTIONS, RegionResult, require_download,
+               results_in_input_pixels, weights_identity, weights_kind)
 from .select import select_detections
 
 log = logging.getLogger(__name__)
@@ -174,13 +174,7 @@ class TorchvisionDetector(Detector):
             finals.append(torch.cat([b, whole]))  # (n_i + 1, 4): detections, then the whole image
         with self._autocast():
             pooled = self._pool(feats, finals, batch.image_sizes).float()  # (sum n_i + 1, 1024)
-        out = []
-        for (b, s, c), f, im, (h, w) in zip(chosen, pooled.split([len(x) for x in finals]), imgs,
-                                            batch.image_sizes):
-            ratio = torch.tensor([im.shape[2] / w, im.shape[1] / h] * 2, device=b.device)
-            out.append(RegionResult(boxes=(b * ratio).float(), scores=s.float(), labels=c.long(),
-                                    features=f[:-1], whole=f[-1]))
-        return out
+        return results_in_input_pixels(chosen, pooled, imgs, batch.image_sizes)
 
     @torch.inference_mode()
     def forward_bare(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
