@@ -247,3 +247,193 @@ class BuildVocab(_ParseParams):
         save_vocab(vocab, self.output().path)
         log.info("vocabulary of %s: %d words (min count %d), %d relations -> %s", self.dataset,
                  len(vocab.words), self.min_count, len(vocab.relations), self.output().path)
+
+
+# ---------------------------------------------------------------------------------- stage 2: training
+
+_BOOL = dict(parsing=luigi.BoolParameter.EXPLICIT_PARSING)  # default-true switches: --use-mil false
+
+
+class TrainEmbedding(DatasetTask):
+    """Train DeFrag over the region and triple caches -> <run_dir>/<run name>/ (checkpoints, log, curves).
+
+    Requires ExtractRegions, ParseSentences and BuildVocab, so one command runs every missing stage. Their
+    parameters pass through: the detector's under their own names (--detector, --detector-weights, ...), the
+    colliding ones prefixed (--detector-seed, --region-shard-size, --region-batch-size, --parse-shard-size,
+    --parse-batch-size); --device applies to every stage. Complete when the run folder's summary.json exists.
+    """
+
+    # upstream: regions
+    detector = luigi.Parameter(default="torchvision-r50-fpn-v2", description="see ExtractRegions")
+    detector_weights = luigi.Parameter(default="pretrained", description="pretrained | PATH | random")
+    detector_seed = luigi.IntParameter(default=0, description="ExtractRegions --seed (random detector weights)")
+    feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
+    max_image_side = luigi.IntParameter(default=2048)
+    min_size = luigi.IntParameter(default=0)
+    max_size = luigi.IntParameter(default=0)
+    amp = luigi.BoolParameter(default=False)
+    region_shard_size = luigi.IntParameter(default=1000, description="ExtractRegions --shard-size")
+    region_batch_size = luigi.IntParameter(default=4, significant=False, description="ExtractRegions --batch-size")
+    # upstream: parsing and vocabulary
+    stanza_dir = luigi.Parameter(default="")
+    stanza_package = luigi.Parameter(default="default")
+    stanza_tagger = luigi.Parameter(default="")
+    stanza_parser = luigi.Parameter(default="")
+    skip_relations = luigi.Parameter(default="punct,root")
+    max_tokens = luigi.IntParameter(default=150)
+    parse_shard_size = luigi.IntParameter(default=5000, description="ParseSentences --shard-size")
+    parse_batch_size = luigi.IntParameter(default=512, significant=False, description="ParseSentences --batch-size")
+    min_count = luigi.IntParameter(default=5, description="BuildVocab: rarer words map to <unk>")
+    # training (model.train.TrainConfig; defaults there)
+    epochs = luigi.IntParameter(default=20)
+    batch_size = luigi.IntParameter(default=100, description="image-sentence pairs per batch (no image twice)")
+    optimizer = luigi.ChoiceParameter(choices=["sgd", "adam"], default="sgd")
+    lr = luigi.FloatParameter(default=1e-3)
+    momentum = luigi.FloatParameter(default=0.9)
+    weight_decay = luigi.FloatParameter(default=1e-5, description="the paper's alpha: L2 on all parameters")
+    grad_clip = luigi.FloatParameter(default=0.0, description="max gradient norm (0: off)")
+    seed = luigi.IntParameter(default=0)
+    # h and d of the paper (named so that --h does not collide with luigi's --help)
+    embedding_dim = luigi.IntParameter(default=1000, description="h: size of the common fragment space")
+    word_dim = luigi.IntParameter(default=200, description="d: word vector size")
+    shared_relation = luigi.BoolParameter(default=False, description="one W_R for all relations (original code)")
+    word_vectors = luigi.Parameter(default="", description="word2vec/GloVe text file to start W_e from")
+    freeze_words = luigi.BoolParameter(default=False)
+    skip_unknown = luigi.BoolParameter(default=False, description="drop triples with out-of-vocabulary words")
+    use_fragment = luigi.BoolParameter(default=True, **_BOOL)
+    use_global = luigi.BoolParameter(default=True, **_BOOL)
+    use_mil = luigi.BoolParameter(default=True, **_BOOL)
+    fragment_margin = luigi.FloatParameter(default=1.0)
+    fragment_scale = luigi.FloatParameter(default=1.0)
+    global_margin = luigi.FloatParameter(default=40.0)
+    global_scale = luigi.FloatParameter(default=0.5)
+    smooth = luigi.FloatParameter(default=10.0)
+    threshold_global = luigi.BoolParameter(default=True, **_BOOL)
+    # running
+    device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
+    memory_budget_gb = luigi.FloatParameter(default=8.0, description="larger feature caches stream from the shards")
+    run_dir = luigi.Parameter(default="", description="runs folder (default: [defrag] run_dir)")
+    run_name = luigi.Parameter(default="", description="run folder name (default: a hash of config and caches)")
+    resume = luigi.BoolParameter(default=False, significant=False, description="continue from checkpoint-last.pt")
+    progress = luigi.BoolParameter(default=True, significant=False, **_BOOL)
+
+    @property
+    def resources(self):
+        return device_resources(self.device)
+
+    def _upstream(self):
+        common = dict(dataset=self.dataset, image_root=self.image_root, cache_dir=self.cache_dir, device=self.device)
+        regions = ExtractRegions(detector=self.detector, detector_weights=self.detector_weights,
+                                 seed=self.detector_seed, feature_dtype=self.feature_dtype,
+                                 max_image_side=self.max_image_side, min_size=self.min_size, max_size=self.max_size,
+                                 amp=self.amp, shard_size=self.region_shard_size, batch_size=self.region_batch_size,
+                                 **common)
+        parse = dict(stanza_dir=self.stanza_dir, stanza_package=self.stanza_package, stanza_tagger=self.stanza_tagger,
+                     stanza_parser=self.stanza_parser, skip_relations=self.skip_relations, max_tokens=self.max_tokens,
+                     shard_size=self.parse_shard_size, batch_size=self.parse_batch_size, **common)
+        return {"regions": regions, "triples": ParseSentences(**parse), "vocab": BuildVocab(min_count=self.min_count,
+                                                                                            **parse)}
+
+    def requires(self):
+        return self._upstream()
+
+    def train_config(self):
+        from model.train import TrainConfig
+
+        alias = {"h": "embedding_dim", "d": "word_dim"}
+        return TrainConfig(**{f: getattr(self, alias.get(f, f)) for f in TrainConfig.__dataclass_fields__})
+
+    def run_folder(self):
+        """<run_dir>/<run name>: known before anything runs (Evaluate reads the model from here)."""
+        from pathlib import Path
+
+        from model.train import run_name
+
+        up = self._upstream()
+        keys = {"regions": up["regions"].region_folder().name, "triples": up["triples"].triple_folder().name}
+        vocab_folder = Path(up["vocab"].output().path).parent.name
+        name = self.run_name or run_name(self.train_config(), keys, vocab_folder)
+        return Path(self.run_dir or defrag().run_dir) / name
+
+    def output(self):
+        return luigi.LocalTarget(str(self.run_folder() / "summary.json"))
+
+    def run(self):
+        from model.train import train
+
+        up = self._upstream()
+        data = _cached_dataset(self.dataset, self.image_root)
+        folder = self.run_folder()
+        self.set_status_message(f"training -> {folder}")
+        summary = train(self.train_config(), up["regions"].region_folder(), up["triples"].triple_folder(),
+                        up["vocab"].output().path, folder.parent, splits={im.image_id: im.split for im in data.images},
+                        run_name_=folder.name, resume=self.resume)
+        best = summary["best"] or {}
+        log.info("trained %s: %d epochs, best epoch %s (val rsum %s)", folder, summary["epochs"], best.get("epoch"),
+                 (best.get("val") or {}).get("rsum"))
+
+
+# ---------------------------------------------------------------------------------- stage 2: evaluation
+
+def _train_kwargs(task: luigi.Task) -> dict:
+    """The TrainEmbedding parameters of a task that passes them through (every stage's, by the same names)."""
+    names = set(TrainEmbedding.get_param_names(include_significant=True))
+    return {k: v for k, v in task.param_kwargs.items() if k in names}
+
+
+class Evaluate(TrainEmbedding):
+    """Retrieval metrics of a trained run -> <run>/eval-<split>.json and eval-<split>.md (the paper's table).
+
+    Takes every TrainEmbedding parameter (and so every stage's) and requires that training, so one command runs
+    whatever is missing. Protocols: the whole split (Flickr8K/30K: 1,000 test images x 5 captions; COCO "5K")
+    and, for a split of several times --fold-size images, the mean over folds (COCO "1K").
+    """
+
+    split = luigi.ChoiceParameter(choices=["train", "val", "test"], default="test")
+    captions_per_image = luigi.IntParameter(default=5, description="first N captions of each image (0: all)")
+    fold_size = luigi.IntParameter(default=1000, description="images per fold of the fold protocol (COCO 1K)")
+
+    def requires(self):
+        return TrainEmbedding(**_train_kwargs(self))
+
+    def output(self):
+        folder = self.run_folder()
+        return {"json": luigi.LocalTarget(str(folder / f"eval-{self.split}.json")),
+                "markdown": luigi.LocalTarget(str(folder / f"eval-{self.split}.md"))}
+
+    def open_run(self):
+        from model.runs import open_run, write_dataset_reference
+        from pipeline.devices import resolve_device
+
+        write_dataset_reference(self.run_folder(), self.dataset, self.image_root)
+        return open_run(self.run_folder(), dataset=_cached_dataset(self.dataset, self.image_root),
+                        device=resolve_device(self.device))
+
+    def run(self):
+        from model.runs import write_evaluation
+
+        self.set_status_message(f"scoring the {self.split} split")
+        write_evaluation(self.open_run(), self.split, self.captions_per_image, self.fold_size)
+
+
+class Report(Evaluate):
+    """A static HTML report of a run -> <run>/report/index.html: metrics, training curves, and sample queries
+    of the split both ways with their alignment pictures (opens offline: relative paths only)."""
+
+    report_queries = luigi.IntParameter(default=6, description="sample queries per direction")
+    report_top = luigi.IntParameter(default=5, description="results shown per query")
+    report_seed = luigi.IntParameter(default=0, description="which queries are sampled")
+
+    def requires(self):
+        names = set(Evaluate.get_param_names(include_significant=True))
+        return Evaluate(**{k: v for k, v in self.param_kwargs.items() if k in names})
+
+    def output(self):
+        return luigi.LocalTarget(str(self.run_folder() / "report" / "index.html"))
+
+    def run(self):
+        from model.report import build_report
+
+        self.set_status_message("drawing alignment pictures")
+        build_report(self.open_run(), self.split, n_queries=self.report_queries, top=self.report_top,
+                     seed=self.report_seed, captions_per_image=self.captions_per_image)

@@ -36,7 +36,10 @@ class DeFrag(nn.Module):
         self.words.weight.requires_grad_(not freeze_words)
         n_mats = 1 if shared_relation else n_relations
         bound = (2 * d) ** -0.5  # nn.Linear's default range for fan-in 2d
-        self.rel_weight = nn.Parameter(torch.empty(n_mats, h, 2 * d).uniform_(-bound, bound))  # W_R
+        # W_R: one (h, 2d) parameter per relation, so a batch's gradient touches only the relations it uses
+        # (slicing one (R, h, 2d) tensor would write an R-sized zero gradient per relation per step)
+        self.rel_weight = nn.ParameterList(nn.Parameter(torch.empty(h, 2 * d).uniform_(-bound, bound))
+                                           for _ in range(n_mats))
         self.rel_bias = nn.Parameter(torch.empty(n_mats, h).uniform_(-bound, bound))  # b_R
 
     def image_fragments(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,17 +55,15 @@ class DeFrag(nn.Module):
             return torch.relu(e @ self.rel_weight[0].T + self.rel_bias[0]), owner
         # one matmul per relation type present: sort triples by relation, project each run, undo the sort
         order = torch.argsort(rel, stable=True)
-        counts = torch.bincount(rel, minlength=self.n_relations).tolist()
+        counts = torch.bincount(rel, minlength=self.n_relations).tolist()  # one device sync per batch
         pieces, start = [], 0
         for r, n in enumerate(counts):
             if n:
-                idx = order[start:start + n]
-                pieces.append(e[idx] @ self.rel_weight[r].T + self.rel_bias[r])  # (n, h)
+                pieces.append(e[order[start:start + n]] @ self.rel_weight[r].T)  # (n, h)
                 start += n
-        out = torch.cat(pieces) if pieces else e.new_zeros(0, self.h)
-        s = torch.empty_like(out)
-        s = s.index_copy(0, order, out)  # back to the input order
-        return torch.relu(s), owner
+        out = torch.cat(pieces) if pieces else e.new_zeros(0, self.h)  # (T, h) in relation order
+        s = torch.empty_like(out).index_copy(0, order, out)  # back to the input order
+        return torch.relu(s + self.rel_bias[rel]), owner
 
     def config(self) -> dict:
         """What rebuilds this module (plain types: stored in checkpoints loaded with weights_only=True)."""

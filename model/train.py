@@ -68,7 +68,7 @@ class TrainConfig:
     memory_budget_gb: float = 8.0
     progress: bool = True
 
-    RUNTIME = ("device", "progress", "epochs")  # may change between a run and its resume
+    RUNTIME = ("device", "progress", "epochs", "memory_budget_gb")  # may change when a run resumes
 
     def objective_kwargs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("use_fragment", "use_global", "use_mil", "fragment_margin",
@@ -89,7 +89,7 @@ class TrainConfig:
 
 def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str) -> str:
     """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary."""
-    return "defrag-" + cache_key({"config": config.identity(), "cache_keys": dict(cache_keys),
+    return "defrag-" + cache_key({"config": config.identity(), "epochs": config.epochs, "cache_keys": dict(cache_keys),
                                   "vocab": vocab_key}, length=10)
 
 

@@ -1,0 +1,197 @@
+"""One training epoch on a Flickr30K-sized synthetic cache: seconds per epoch, peak RSS, share of time in matmuls.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_epoch.py --threads 2             # CPU
+    python benchmarks/bench_epoch.py --device cuda                             # one GPU
+
+The script writes the cache once (29,000 training + 1,000 validation images x 20 x 1024 float16 through
+pipeline.cache's writers; 5 captions per image of about 10 triples; a 10,000-word Zipf vocabulary) into
+--cache-dir, in a child process so the peak RSS printed is the trainer's own. Then it builds the fragment store,
+trains one epoch with the paper's sizes (h 1000, d 200, batch 100) through model.train.train, and profiles a few
+training steps to split the time between matrix products and everything else.
+Targets: <= 10 min per epoch on 2 CPU cores; peak RSS <= 1.5x the cached feature bytes; <= 5 s per epoch on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_cache(root: Path, n_train: int, n_val: int, dim: int, caps: int, triples: float, n_words: int,
+                n_rels: int, shard: int, seed: int = 0) -> None:
+    from pipeline.cache import K_FRAGMENTS, shard_ranges, write_region_shard, write_triple_shard
+    from pipeline.vocab import build_vocab, save_vocab
+
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val
+    ids = [f"im{i:06d}" for i in range(n)]
+    producer, dataset = {"backend": "bench", "dim": dim}, {"name": "bench30k"}
+    reg, tri = root / "regions" / "bench30k", root / "triples" / "bench30k"
+    ranges = shard_ranges(n, shard)
+    for s, (a, b) in enumerate(ranges):
+        m = b - a
+        mask = np.zeros((m, K_FRAGMENTS), bool)
+        mask[:, :1] = True
+        mask[:, 1:] = rng.random((m, K_FRAGMENTS - 1)) < 0.9  # a few images with fewer than 19 detections
+        mask[:, 1:] = np.sort(mask[:, 1:], axis=1)[:, ::-1]
+        feats = (rng.standard_normal((m, K_FRAGMENTS, dim), np.float32) * mask[..., None]).astype(np.float16)
+        write_region_shard(reg / f"shard-{s:05d}.h5", image_ids=ids[a:b], image_hw=np.full((m, 2), 375),
+                           boxes=np.zeros((m, K_FRAGMENTS, 4)), scores=mask.astype(np.float32),
+                           labels=np.where(mask, 1, -1), mask=mask, features=feats, producer=producer,
+                           dataset=dataset, shard_index=s, num_shards=len(ranges))
+    words = np.array([f"w{i}" for i in range(n_words)], dtype=object)
+    rels = np.array([f"rel{i}" for i in range(n_rels)], dtype=object)
+    zipf_w = 1.0 / np.arange(1, n_words + 1)
+    zipf_r = 1.0 / np.arange(1, n_rels + 1)
+    cap_img = np.repeat(np.arange(n), caps)
+    lens = np.maximum(1, rng.poisson(triples, len(cap_img)))
+    total = int(lens.sum())
+    r = rng.choice(n_rels, total, p=zipf_r / zipf_r.sum())
+    h = rng.choice(n_words, total, p=zipf_w / zipf_w.sum())
+    d = rng.choice(n_words, total, p=zipf_w / zipf_w.sum())
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    cranges = shard_ranges(len(cap_img), 5000)
+    for s, (a, b) in enumerate(cranges):
+        ts = []
+        for m in range(a, b):
+            lo, hi = offsets[m], offsets[m + 1]
+            ts.append([(rels[r[t]], words[h[t]], words[d[t]], words[h[t]], words[d[t]], 1, 2)
+                       for t in range(lo, hi)])
+        write_triple_shard(tri / f"shard-{s:05d}.h5", caption_ids=[f"{ids[i]}#{m % caps}" for m, i in
+                                                                     zip(range(a, b), cap_img[a:b])],
+                           image_ids=[ids[i] for i in cap_img[a:b]], texts=[""] * (b - a), triples=ts,
+                           producer={"parser": "bench"}, dataset=dataset, shard_index=s, num_shards=len(cranges))
+    train_t = offsets[n_train * caps]
+    wc = np.bincount(np.concatenate([h[:train_t], d[:train_t]]), minlength=n_words)
+    rc = np.bincount(r[:train_t], minlength=n_rels)
+    vocab = build_vocab(Counter({str(words[i]): int(c) for i, c in enumerate(wc) if c}),
+                        Counter({str(rels[i]): int(c) for i, c in enumerate(rc) if c}), min_count=5)
+    save_vocab(vocab, root / "vocab.json")
+    (root / "splits.json").write_text(json.dumps({i: ("train" if k < n_train else "val") for k, i in enumerate(ids)}))
+    (root / "done").write_text("ok\n")
+
+
+def profile_steps(store, cfg, device, steps: int) -> dict:
+    """Time a few training steps under torch.profiler: share of device (or CPU) time in matrix products."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.batches import epoch_batches
+    from model.defrag import DeFrag
+    from model.objective import defrag_cost
+
+    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    split = store.split("train")
+    batches = epoch_batches(split.caption_image, cfg.batch_size, torch.Generator().manual_seed(1))[:steps + 3]
+
+    def step(caps):
+        caps = caps.to(store.device)
+        feats, mask = split.images(split.caption_image[caps])
+        rel, w1, w2, owner = split.triples(caps)
+        iv, io = model.image_fragments(feats.to(device), mask.to(device))
+        sv, so = model.sentence_fragments(rel.to(device), w1.to(device), w2.to(device), owner.to(device))
+        total, _ = defrag_cost(iv, io, sv, so, len(caps), **cfg.objective_kwargs())
+        opt.zero_grad()
+        (total / len(caps)).backward()
+        opt.step()
+
+    for caps in batches[:3]:  # warm-up
+        step(caps)
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for caps in batches[3:]:
+            step(caps)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    mm_names = ("mm", "addmm", "bmm", "matmul", "baddbmm", "linear")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ev = prof.key_averages()
+    mm = sum(getattr(e, key) for e in ev if e.key.split("::")[-1] in mm_names) / 1e6
+    busy = sum(getattr(e, key) for e in ev) / 1e6
+    return {"steps": len(batches) - 3, "wall_s": wall, "matmul_s": mm, "busy_s": busy,
+            "ms_per_step": 1e3 * wall / max(1, len(batches) - 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "defrag-bench-epoch"))
+    ap.add_argument("--images", type=int, default=29000)
+    ap.add_argument("--val-images", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--captions", type=int, default=5, help="captions per image")
+    ap.add_argument("--triples", type=float, default=10.0, help="mean triples per caption")
+    ap.add_argument("--words", type=int, default=10000)
+    ap.add_argument("--relations", type=int, default=40)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--memory-budget-gb", type=float, default=8.0)
+    ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    root = Path(a.cache_dir)
+    if a.write_only:
+        write_cache(root, a.images, a.val_images, a.dim, a.captions, a.triples, a.words, a.relations, a.shard_size)
+        return
+    if not (root / "done").exists():
+        t = time.time()
+        subprocess.run([sys.executable, __file__, "--write-only", "--cache-dir", str(root), "--images",
+                        str(a.images), "--val-images", str(a.val_images), "--dim", str(a.dim), "--captions",
+                        str(a.captions), "--triples", str(a.triples), "--words", str(a.words), "--relations",
+                        str(a.relations), "--shard-size", str(a.shard_size)], check=True)
+        print(f"wrote the synthetic cache to {root} in {time.time() - t:.0f} s")
+
+    import torch
+
+    from model.store import FragmentStore
+    from model.train import TrainConfig, train
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t = time.time()
+    store = FragmentStore(root / "regions" / "bench30k", root / "triples" / "bench30k", root / "vocab.json",
+                          json.loads((root / "splits.json").read_text()),
+                          memory_budget_bytes=int(a.memory_budget_gb * 2**30))
+    load_s = time.time() - t
+    d = store.describe()
+    print(f"store: {d['train_images']} train / {d['val_images']} val images, {d['captions']} captions, "
+          f"{d['triples']} triples, {store.n_words} words; features {store.feature_bytes / 1e9:.2f} GB "
+          f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
+    cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb)
+    with tempfile.TemporaryDirectory() as runs:
+        s = train(cfg, None, None, root / "vocab.json", runs, store=store)
+    rec = s["last"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dev = torch.device(s["device"])
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    print(f"epoch: {rec['batches']} batches of {cfg.batch_size} pairs, train {rec['train_seconds']:.1f} s "
+          f"({1e3 * rec['train_seconds'] / rec['batches']:.1f} ms/batch), validation {rec['val_seconds']:.1f} s, "
+          f"loss {rec['loss']:.1f}")
+    print(f"peak RSS {rss / 1e9:.2f} GB = {rss / store.feature_bytes:.2f}x the cached feature bytes (target <= 1.5x)")
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB")
+    if a.profile_steps:
+        p = profile_steps(store, cfg, dev, a.profile_steps)
+        print(f"profile of {p['steps']} steps: {p['ms_per_step']:.1f} ms/step wall; matmuls {p['matmul_s']:.3f} s of "
+              f"{p['busy_s']:.3f} s busy {'device' if dev.type == 'cuda' else 'CPU'} time; share of wall time not "
+              f"in matmuls {1 - p['matmul_s'] / p['wall_s']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
