@@ -80,7 +80,7 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     out_path = Path(out_path)
     img = image if isinstance(image, Image.Image) else Image.open(image)
     img = img.convert("RGB")
-    aligned = region_alignments(boxes, mask, dots, labels, per_region)
+    aligned = region_alignments(boxes, mask, dots, labels, per_region)  # weakest region first
     whole = [a for a in aligned if a.row == WHOLE_IMAGE_ROW]
     regions = [a for a in aligned if a.row != WHOLE_IMAGE_ROW][-max_regions:]
     top = max([a.best for a in aligned], default=1.0)
@@ -97,13 +97,20 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    for a in regions:  # weakest first: the strongest box and text end up on top
+    renderer = fig.canvas.get_renderer()
+    px_to_data = h / ax.get_window_extent(renderer).height  # image pixels per figure pixel (vertical)
+    placed = []  # label extents so far, strongest first: a weaker label moves, never a stronger one
+    for z, a in enumerate(reversed(regions)):
         x0, y0, x1, y1 = a.box
         colour = cmap(norm(a.best))
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2.5))
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2.5,
+                               zorder=100 - z))
         text = "\n".join(f"{lab}  {s:.2f}" for lab, s in a.triples)
-        ax.text(x0 + 2, y0 + 2, text, va="top", ha="left", fontsize=8, color=_ink(colour),
-                bbox={"facecolor": colour, "alpha": 0.85, "edgecolor": "none", "pad": 2})
+        t = ax.text(x0 + 2, y0 + 2, text, va="top", ha="left", fontsize=8, color=_ink(colour), zorder=200 - z,
+                    bbox={"facecolor": colour, "alpha": 0.85, "edgecolor": "none", "pad": 2})
+        placed.append(_place_label(t, renderer, placed, y0 + 2, px_to_data, h))
+        if t.get_position()[1] != y0 + 2:  # the label moved: a leader line keeps it tied to its box
+            ax.plot([x0 + 1, x0 + 1], [y0, t.get_position()[1]], color=colour, linewidth=1, zorder=150 - z)
     if title:
         fig.text(0.01, 1 - 0.1 / fig_h, title, fontsize=10, ha="left", va="top", wrap=True)
     whole_text = ("whole image: " + ", ".join(f"{lab} {s:.2f}" for lab, s in whole[0].triples)) if whole else \
@@ -121,6 +128,20 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     tmp.replace(out_path)
     log.debug("alignment picture %s: %d regions drawn", out_path, len(regions))
     return out_path
+
+
+def _place_label(t, renderer, placed: list, y: float, px_to_data: float, h: float):
+    """Slide a label down or up (in steps of its height) until it overlaps no label placed before it."""
+    step = t.get_window_extent(renderer).height * px_to_data
+    for k in range(40):
+        dy = step * ((k + 1) // 2) * (1 if k % 2 else -1)  # 0, +1, -1, +2, -2 ... heights
+        if 0 <= y + dy <= h:
+            t.set_y(y + dy)
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(p) for p in placed):
+                return box
+    t.set_y(y)
+    return t.get_window_extent(renderer)
 
 
 def _ink(colour) -> str:
