@@ -1,0 +1,75 @@
+"""The whole task graph on the demo set: ExtractRegions (random-weight MobileNet), ParseSentences and BuildVocab
+(the project's small Stanza models), TrainEmbedding, Evaluate and Report, through Luigi's local scheduler."""
+import json
+from pathlib import Path
+
+import luigi
+import pytest
+from luigi.execution_summary import LuigiStatusCode
+
+import tasks
+from model.retrieve import main as retrieve_main
+
+MODELS = Path(__file__).resolve().parent / "stanza_models"
+TAGGER, PARSER = MODELS / "en_ewt_tagger_small.pt", MODELS / "en_ewt_parser_small.pt"
+
+
+def params(tmp: Path) -> dict:
+    return dict(dataset="demo", cache_dir=str(tmp / "cache"), run_dir=str(tmp / "runs"), device="cpu",
+                detector="torchvision-mobilenet-v3-fpn", detector_weights="random",
+                stanza_tagger=str(TAGGER), stanza_parser=str(PARSER), min_count=1,
+                epochs=3, batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=32, word_dim=16, progress=False,
+                report_queries=2, report_top=3)
+
+
+RAN: list[str] = []
+
+
+@luigi.Task.event_handler(luigi.Event.SUCCESS)
+def _record_success(task: luigi.Task) -> None:
+    RAN.append(task.get_task_family())
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
+    for f in (TAGGER, PARSER):
+        assert f.is_file(), f"{f} is missing: build it with tests/stanza_models/build_models.sh"
+    report = tasks.Report(**params(tmp_path))
+    evaluate = tasks.Evaluate(**{k: v for k, v in report.param_kwargs.items()
+                                 if k in tasks.Evaluate.get_param_names(include_significant=True)})
+    RAN.clear()
+    result = luigi.build([evaluate, report], local_scheduler=True, detailed_summary=True)
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    assert sorted(RAN) == ["BuildVocab", "Evaluate", "ExtractRegionShard", "ExtractRegions", "ParseSentences",
+                           "ParseShard", "Report", "TrainEmbedding"]
+
+    run = evaluate.run_folder()
+    for f in ("checkpoint-last.pt", "checkpoint-best.pt", "log.jsonl", "curves.png", "config.json",
+              "eval-test.json", "eval-test.md", "report/index.html"):
+        assert (run / f).is_file(), f
+    ev = json.loads((run / "eval-test.json").read_text())
+    assert ev["all"]["n_images"] == 2 and ev["all"]["n_captions"] == 10
+    for d in ("annotation", "search"):
+        assert 0 <= ev["all"][d]["r1"] <= ev["all"][d]["r5"] <= ev["all"][d]["r10"] <= 1
+    assert "| Model | Image Annotation R@1 |" in (run / "eval-test.md").read_text()
+    assert sum(1 for _ in (run / "report" / "align").glob("*.png")) >= 4
+    assert len(list((tmp_path / "cache" / "regions").glob("*/shard-*.h5"))) == 1
+    assert len(list((tmp_path / "cache" / "triples").glob("*/shard-*.h5"))) == 1
+
+    # a free sentence, parsed on the fly with the cache's parser settings, ranks the test images
+    assert retrieve_main(["--run", str(run), "--text", "A rocket stands on the launch pad.", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["query"]["triples"] and {r["id"] for r in res["results"]} == {"rocket.jpg", "chelsea.png"}
+    assert retrieve_main(["--run", str(run), "--text", "Rocket"]) == 2  # one word: no dependency triple
+    assert "no dependency triples" in capsys.readouterr().err
+
+    before = snapshot(tmp_path)
+    RAN.clear()
+    again = luigi.build([evaluate, report], local_scheduler=True, detailed_summary=True)
+    assert again.status == LuigiStatusCode.SUCCESS and RAN == []
+    assert "Did not run any tasks" in again.summary_text, again.summary_text
+    assert snapshot(tmp_path) == before
