@@ -7,7 +7,6 @@ detector sees them; ``LoadedImage.to_original`` maps boxes back to original pixe
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +15,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
-
-# Beyond this many pixels Pillow refuses to decode (a decompression bomb guard); 10,000 x 10,000 photos pass.
-MAX_PIXELS = 300_000_000
 
 
 class ImageLoadError(ValueError):
@@ -81,24 +77,19 @@ def load_image(path: str | Path, max_side: int = 0) -> LoadedImage:
     if not path.is_file():
         raise ImageLoadError(path, "file not found" if not path.exists() else "not a regular file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-            try:
-                with Image.open(path) as img:
-                    # The size a viewer shows: the header's, sides swapped by EXIF orientations 5-8.
-                    orig_w, orig_h = img.size
-                    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                        orig_w, orig_h = orig_h, orig_w
-                    if max_side and img.format == "JPEG":
-                        img.draft("RGB", (max_side, max_side))  # decode big JPEGs at 1/2..1/8 size: fast
-                    img.load()  # truncated or damaged data fails here
-                    rgb = _to_rgb(_shrink(_to_8bit(ImageOps.exif_transpose(img)), max_side))
-            finally:
-                Image.MAX_IMAGE_PIXELS = old_limit
+        with Image.open(path) as img:
+            # The size a viewer shows: the header's, sides swapped by EXIF orientations 5-8.
+            orig_w, orig_h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                orig_w, orig_h = orig_h, orig_w
+            if max_side and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))  # decode big JPEGs at 1/2..1/8 size: fast
+            img.load()  # truncated or damaged data fails here
+            rgb = _to_rgb(_shrink(_to_8bit(ImageOps.exif_transpose(img)), max_side))
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file Pillow can read (check the file type)") from None
     except Image.DecompressionBombError as e:
+        # Pillow's guard: over 2 x Image.MAX_IMAGE_PIXELS (179 million pixels by default).
         raise ImageLoadError(path, f"image too large to decode safely ({e}); shrink it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(path, f"damaged or truncated image ({e}); re-download or re-export it") from None

@@ -75,6 +75,7 @@ def test_one_pixel_image(tmp_path):
     assert (im.height, im.width) == (1, 1) and im.tensor[:, 0, 0].tolist() == [1.0, 1.0, 0.0]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # 100 M pixels: Pillow warns, decodes
 def test_very_large_image_is_shrunk_and_boxes_map_back(tmp_path):
     big = tmp_path / "big.png"
     Image.new("L", (10_000, 10_000), 200).save(big, compress_level=1)

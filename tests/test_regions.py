@@ -19,6 +19,8 @@ from pipeline.images import load_image
 from pipeline.regions import (RegionConfig, RegionExtractionError, detector_for, extract_shard, layout_fragments,
                               region_cache_folder)
 
+# The generated 10,000 x 10,000 image is over Pillow's warning size (it still decodes it).
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 DEMO = "data/demo/images"
 PHOTOS = ["astronaut.png", "rocket.jpg", "coins.png"]
 # Small inputs keep a random MobileNet-v3 FPN at a fraction of a second per image on a busy 2-core machine.
