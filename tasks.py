@@ -292,6 +292,7 @@ class TrainEmbedding(DatasetTask):
     momentum = luigi.FloatParameter(default=0.9)
     weight_decay = luigi.FloatParameter(default=1e-5, description="the paper's alpha: L2 on all parameters")
     grad_clip = luigi.FloatParameter(default=0.0, description="max gradient norm (0: off)")
+    max_batches = luigi.IntParameter(default=0, description="batches per epoch at most (quick trials); 0: all")
     seed = luigi.IntParameter(default=0)
     # h and d of the paper (named so that --h does not collide with luigi's --help)
     embedding_dim = luigi.IntParameter(default=1000, description="h: size of the common fragment space")

@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0)
     ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--max-batches", type=int, default=0,
+                    help="time only this many batches of the epoch and extrapolate (0: the whole epoch)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     root = Path(a.cache_dir)
@@ -173,16 +175,18 @@ def main() -> None:
     print(f"store: {d['train_images']} train / {d['val_images']} val images, {d['captions']} captions, "
           f"{d['triples']} triples, {store.n_words} words; features {store.feature_bytes / 1e9:.2f} GB "
           f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
-    cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb)
+    cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches)
     with tempfile.TemporaryDirectory() as runs:
         s = train(cfg, None, None, root / "vocab.json", runs, store=store)
     rec = s["last"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dev = torch.device(s["device"])
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    print(f"epoch: {rec['batches']} batches of {cfg.batch_size} pairs, train {rec['train_seconds']:.1f} s "
-          f"({1e3 * rec['train_seconds'] / rec['batches']:.1f} ms/batch), validation {rec['val_seconds']:.1f} s, "
-          f"loss {rec['loss']:.1f}")
+    full = -(-store.split("train").n_captions // cfg.batch_size)
+    per = rec["train_seconds"] / rec["batches"]
+    part = "" if rec["batches"] == full else f" (timed {rec['batches']} of {full} batches; epoch extrapolated)"
+    print(f"epoch: {full} batches of {cfg.batch_size} pairs, train {per * full:.1f} s ({1e3 * per:.1f} ms/batch)"
+          f"{part}, validation {rec['val_seconds']:.1f} s, loss {rec['loss']:.1f}")
     print(f"peak RSS {rss / 1e9:.2f} GB = {rss / store.feature_bytes:.2f}x the cached feature bytes (target <= 1.5x)")
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB")

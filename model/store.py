@@ -327,31 +327,55 @@ class FragmentStore:
 
 
 @torch.no_grad()
+def encode_images(model: torch.nn.Module, split: Split, device: str | torch.device | None = None,
+                  batch: int = 500) -> tuple[Tensor, Tensor]:
+    """Every image fragment of a split: img_vecs (Ni, h), img_owner (Ni,) in [0, n_images), filled in place."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    n = int(split.store.mask[split.rows].sum())
+    vecs = torch.empty(n, model.h, device=device)
+    owner = torch.empty(n, dtype=torch.long, device=device)
+    at = 0
+    for a in range(0, split.n_images, batch):
+        feats, mask = split.images(torch.arange(a, min(a + batch, split.n_images)))
+        v, o = model.image_fragments(feats.to(device), mask.to(device))
+        vecs[at:at + len(o)], owner[at:at + len(o)] = v, o + a
+        at += len(o)
+    return vecs, owner
+
+
+@torch.no_grad()
+def encode_captions(model: torch.nn.Module, split: Split, device: str | torch.device | None = None,
+                    start: int = 0, stop: int | None = None, batch: int = 500) -> tuple[Tensor, Tensor]:
+    """Sentence fragments of captions [start, stop) of a split: sent_vecs (Ns, h), sent_owner (Ns,) in
+    [0, stop - start), filled in place."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    stop = split.n_captions if stop is None else stop
+    c = split.cap_rows[start:stop]
+    n = int((split.store.offsets[c + 1] - split.store.offsets[c]).sum())
+    vecs = torch.empty(n, model.h, device=device)
+    owner = torch.empty(n, dtype=torch.long, device=device)
+    at = 0
+    for a in range(start, stop, batch):
+        rel, w1, w2, o = (t.to(device) for t in split.triples(torch.arange(a, min(a + batch, stop))))
+        s, _ = model.sentence_fragments(rel, w1, w2, o)
+        vecs[at:at + len(o)], owner[at:at + len(o)] = s, o + (a - start)
+        at += len(o)
+    return vecs, owner
+
+
 def encode(model: torch.nn.Module, split: Split, device: str | torch.device | None = None,
            batch: int = 500) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every fragment of a split through the model: img_vecs (Ni, h), img_owner (Ni,) in [0, n_images),
     sent_vecs (Ns, h), sent_owner (Ns,) in [0, n_captions) — the input of ``pair_scores``/``score_matrix``.
 
-    Validation and evaluation both call this. Images and captions go through in chunks of ``batch``.
+    Validation and evaluation both call this (or its two halves). Chunks of ``batch`` images or captions go
+    through the model in eval mode, without gradients.
     """
     was_training = model.training
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    iv, io, sv, so = [], [], [], []
-    for a in range(0, split.n_images, batch):
-        idx = torch.arange(a, min(a + batch, split.n_images))
-        feats, mask = split.images(idx)
-        v, o = model.image_fragments(feats.to(device), mask.to(device))
-        iv.append(v), io.append(o + a)
-    for a in range(0, split.n_captions, batch):
-        idx = torch.arange(a, min(a + batch, split.n_captions))
-        rel, w1, w2, owner = (t.to(device) for t in split.triples(idx))
-        s, o = model.sentence_fragments(rel, w1, w2, owner)
-        sv.append(s), so.append(o + a)
-    model.train(was_training)
-    h = model.h
-
-    def cat(xs, shape):
-        return torch.cat(xs) if xs else torch.zeros(shape, device=device)
-
-    return (cat(iv, (0, h)), cat(io, (0,)).long(), cat(sv, (0, h)), cat(so, (0,)).long())
+    try:
+        iv, io = encode_images(model, split, device, batch)
+        sv, so = encode_captions(model, split, device, batch=batch)
+    finally:
+        model.train(was_training)
+    return iv, io, sv, so

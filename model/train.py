@@ -30,7 +30,7 @@ from .batches import epoch_batches
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from .defrag import DeFrag
 from .objective import defrag_cost, pair_scores
-from .store import FragmentStore, Split, encode
+from .store import FragmentStore, Split, encode_captions, encode_images
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5  # the paper's alpha (L2 on all parameters)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    max_batches: int = 0  # stop each epoch after this many batches (quick trials, benchmarks); 0 = all
     seed: int = 0
     # model
     h: int = 1000
@@ -96,14 +97,29 @@ def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str)
 # ---------------------------------------------------------------------------------------------- validation
 
 @torch.no_grad()
-def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.device) -> dict[str, Any] | None:
-    """R@1/5/10 both ways (and medr, meanr) on a split, with the model's global score S_kl."""
+def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.device,
+             captions_per_chunk: int = 1000) -> dict[str, Any] | None:
+    """R@1/5/10 both ways (and medr, meanr) on a split, with the model's global score S_kl.
+
+    Captions are encoded and scored a chunk at a time against all image fragments, so memory holds the image
+    vectors, one chunk of sentence vectors and the (n_images, n_captions) score matrix, never all of a split's
+    sentence vectors.
+    """
+    from .evaluate import retrieval_metrics, score_matrix
+
     if split.n_images == 0 or split.n_captions == 0:
         return None
-    from .evaluate import retrieval_metrics, score_matrix
-    iv, io, sv, so = encode(model, split, device)
-    scores = score_matrix(iv, io, split.n_images, sv, so, split.n_captions, score_fn=pair_scores,
-                          smooth=config.smooth, threshold=config.threshold_global)
+    was_training = model.training
+    model.eval()
+    iv, io = encode_images(model, split, device)
+    scores = torch.empty(split.n_images, split.n_captions)
+    for c0 in range(0, split.n_captions, captions_per_chunk):
+        c1 = min(c0 + captions_per_chunk, split.n_captions)
+        sv, so = encode_captions(model, split, device, c0, c1)
+        scores[:, c0:c1] = score_matrix(iv, io, split.n_images, sv, so, c1 - c0, score_fn=pair_scores,
+                                        budget_bytes=64 * 2**20, smooth=config.smooth,
+                                        threshold=config.threshold_global)
+    model.train(was_training)
     m = retrieval_metrics(scores, split.caption_image.cpu())
     m["rsum"] = 100.0 * sum(m[d][f"r{k}"] for d in ("annotation", "search") for k in (1, 5, 10))
     return m
@@ -287,6 +303,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # the epoch's batches: (seed, epoch)
         batches = epoch_batches(train_split.caption_image, cfg.batch_size, gen,
                                 _window_groups(train_split, store, gen))
+        if cfg.max_batches:
+            batches = batches[:cfg.max_batches]
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
         window = torch.zeros(3, dtype=torch.float64, device=device)
