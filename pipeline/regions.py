@@ -132,8 +132,7 @@ def _load_all(items: Sequence[tuple[str, Path]], max_side: int
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         window: list = []
-        it = iter(items)
-        for item in it:
+        for item in items:
             window.append(pool.submit(one, item))
             if len(window) >= 8:
                 yield window.pop(0).result()
@@ -177,7 +176,11 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
             rows["image_hw"].append((im.height, im.width))
             for k in ("boxes", "scores", "labels", "mask"):
                 rows[k].append(frag[k])
-            rows["features"].append(frag["features"].astype(feature_dtype))
+            feats = frag["features"].astype(feature_dtype)
+            if not np.isfinite(feats).all():
+                raise RegionExtractionError(f"image {image_id!r}: features overflow {feature_dtype} (largest "
+                                            f"{np.abs(frag['features']).max():.3g}); use --feature-dtype float32")
+            rows["features"].append(feats)
         window.clear()
 
     bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img", leave=False)
@@ -194,10 +197,12 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
         done += 1
         if len(window) >= WINDOW_BATCHES * batch_size or (done == len(items) and window):
             flush()
-            if progress:
+            if progress and done < len(items):
                 progress(done, len(items))
         bar.update(1)
     bar.close()
+    if progress:
+        progress(done, len(items))
 
     n = len(rows["image_ids"])
     d = int(producer.get("feature_dim", 0))

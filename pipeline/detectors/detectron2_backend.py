@@ -87,6 +87,9 @@ def build(name: str, weights: str, device: str, seed: int, *, min_size: int = 0,
     with torch.random.fork_rng(devices=[]):  # same seed -> same weights for "random"
         torch.manual_seed(seed)
         model = build_model(cfg)
+    if kind == "pretrained" and not url:
+        raise DetectorError(f"detector {name!r}: the config names no MODEL.WEIGHTS to use as 'pretrained'; pass "
+                            "--detector-weights PATH or --detector-weights random")
     if kind != "random":
         path = str(url) if kind == "pretrained" else weights
         if path.startswith(("http://", "https://", "detectron2://")):
