@@ -122,8 +122,12 @@ def profile_steps(store, cfg, device, steps: int) -> dict:
     mm_names = ("mm", "addmm", "bmm", "matmul", "baddbmm", "linear")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ev = prof.key_averages()
-    mm = sum(getattr(e, key) for e in ev if e.key.split("::")[-1] in mm_names) / 1e6
-    busy = sum(getattr(e, key) for e in ev) / 1e6
+
+    def t(e):  # older torch names the device column after CUDA
+        return getattr(e, key, None) if getattr(e, key, None) is not None else getattr(e, "self_cuda_time_total", 0)
+
+    mm = sum(t(e) for e in ev if e.key.split("::")[-1] in mm_names) / 1e6
+    busy = sum(t(e) for e in ev) / 1e6
     return {"steps": len(batches) - 3, "wall_s": wall, "matmul_s": mm, "busy_s": busy,
             "ms_per_step": 1e3 * wall / max(1, len(batches) - 3)}
 
@@ -145,6 +149,7 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time only this many batches of the epoch and extrapolate (0: the whole epoch)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     root = Path(a.cache_dir)
@@ -175,7 +180,8 @@ def main() -> None:
     print(f"store: {d['train_images']} train / {d['val_images']} val images, {d['captions']} captions, "
           f"{d['triples']} triples, {store.n_words} words; features {store.feature_bytes / 1e9:.2f} GB "
           f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
-    cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches)
+    cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches,
+                      progress=not a.no_progress)
     with tempfile.TemporaryDirectory() as runs:
         s = train(cfg, None, None, root / "vocab.json", runs, store=store)
     rec = s["last"]
