@@ -249,6 +249,9 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
             raise ValueError("train() needs the dataset's splits (image id -> split) or a built store")
         store = FragmentStore(region_folder, triple_folder, vocab_path, splits, skip_unknown=cfg.skip_unknown,
                               memory_budget_bytes=int(cfg.memory_budget_gb * 2**30))
+    if store.skip_unknown != cfg.skip_unknown:
+        raise ValueError(f"the store was built with skip_unknown={store.skip_unknown}, the configuration asks for "
+                         f"{cfg.skip_unknown}")
     vocab_key = str(store.vocab.key)
     name = run_name_ or run_name(cfg, store.cache_keys, vocab_key)
     out = Path(run_dir) / name
@@ -277,8 +280,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         raise CheckpointError(f"{out} already holds a run ({LAST}): pass resume (--resume) to continue it, or "
                               "another run name (--run-name) to start a new one")
     if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, vocab_key, store.cache_keys, map_location=device)
-        if ckpt["config"] != {**cfg.identity()}:
+        ckpt = load_checkpoint(last_path, vocab_key, store.cache_keys)  # on the CPU: RNG states must be
+        if ckpt["config"] != cfg.identity():
             diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.identity().items() if ckpt["config"].get(k) != v}
             raise CheckpointError(f"{last_path} was trained with other options (checkpoint, now): {diff}; "
                                   "resume with the same options or start a new run (--run-name)")

@@ -138,3 +138,7 @@ def test_cuda_training_matches_cpu_closely(caches, tmp_path):
     assert gpu["last"]["loss"] == pytest.approx(cpu["last"]["loss"], rel=1e-3)
     model, _ = load_model(tmp_path / "gpu" / gpu["name"], "cpu")
     assert next(model.parameters()).device.type == "cpu"
+    # a CUDA run resumes (RNG states and optimizer state come back to the right devices)
+    more = train(TrainConfig(epochs=2, **{**SMALL, "device": "cuda"}), reg, tri, voc, tmp_path / "gpu",
+                 store=gpu_store, run_name_=gpu["name"], resume=True)
+    assert more["epochs"] == 2 and more["last"]["loss"] < gpu["last"]["loss"]
