@@ -2,11 +2,12 @@
 
 One Stanza ``Pipeline`` (tokenize, pos, lemma, depparse) per process, built once per settings and reused; the
 captions of a shard go through it ``batch_size`` documents at a time with ``Pipeline.bulk_process``, never one
-call per caption. Stanza never touches the network here (``download_method=None``).
+call per caption. The Pipeline itself never touches the network (``download_method=None``).
 
 Two ways to name the models:
   * Stanza's English package (users): models downloaded once into the resources folder (``stanza_dir``,
-    default Stanza's own, which honours STANZA_RESOURCES_DIR) with ``DOWNLOAD_COMMAND``.
+    default Stanza's own, which honours STANZA_RESOURCES_DIR), automatically the first time they are missing
+    when the network answers within seconds, else by hand with ``DOWNLOAD_COMMAND``.
   * Local model files (offline, tests): ``tagger`` and ``parser`` paths, e.g. the project's small models in
     tests/stanza_models/. Then the lemmatizer is the identity (lemma = word) and captions are always passed
     pretokenized: given tokens, else ``regex_tokenize`` of the text (there is no tokenizer model).
@@ -25,8 +26,10 @@ import html
 import json
 import logging
 import re
+import socket
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -163,6 +166,43 @@ def _missing(s: ParseSettings, what: str) -> StanzaModelsMissing:
 
 
 def _package_models(s: ParseSettings) -> dict:
+    """The package's models, downloaded once into the resources folder when missing and the network answers."""
+    try:
+        return _resolve_package(s)
+    except StanzaModelsMissing:
+        if not _download_package(s):
+            raise
+        return _resolve_package(s)
+
+
+def _online(host: str, timeout: float = 3.0) -> bool:
+    """A quick reachability check, so an offline machine fails in seconds instead of retrying downloads."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_package(s: ParseSettings) -> bool:
+    import stanza
+    from stanza.resources.common import DEFAULT_RESOURCES_URL
+
+    host = urllib.parse.urlparse(DEFAULT_RESOURCES_URL).hostname or ""
+    if not _online(host):
+        log.info("Stanza models missing and %s is unreachable: not downloading", host)
+        return False
+    log.info("downloading Stanza %s models (package %s) into %s, once", s.lang, s.package, s.resources_dir)
+    try:
+        stanza.download(s.lang, model_dir=s.resources_dir, package=s.package, processors=PROCESSORS,
+                        logging_level="WARN")
+    except Exception as e:  # noqa: BLE001 - any download failure ends in the same clear message
+        log.warning("Stanza download failed: %s", e)
+        return False
+    return True
+
+
+def _resolve_package(s: ParseSettings) -> dict:
     """Resolve the package the way Stanza's Pipeline does and name each model by resources.json's md5."""
     from stanza.resources.common import maintain_processor_list, process_pipeline_parameters
 
