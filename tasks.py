@@ -369,6 +369,9 @@ class TrainEmbedding(DatasetTask):
         summary = train(self.train_config(), up["regions"].region_folder(), up["triples"].triple_folder(),
                         up["vocab"].output().path, folder.parent, splits={im.image_id: im.split for im in data.images},
                         run_name_=folder.name, resume=self.resume)
+        from model.runs import write_dataset_reference
+
+        write_dataset_reference(folder, self.dataset, self.image_root)  # retrieval finds the images and captions
         best = summary["best"] or {}
         log.info("trained %s: %d epochs, best epoch %s (val rsum %s)", folder, summary["epochs"], best.get("epoch"),
                  (best.get("val") or {}).get("rsum"))
