@@ -36,11 +36,11 @@ class DeFrag(nn.Module):
         self.words.weight.requires_grad_(not freeze_words)
         n_mats = 1 if shared_relation else n_relations
         bound = (2 * d) ** -0.5  # nn.Linear's default range for fan-in 2d
-        # W_R: one (h, 2d) parameter per relation, so a batch's gradient touches only the relations it uses
-        # (slicing one (R, h, 2d) tensor would write an R-sized zero gradient per relation per step)
-        self.rel_weight = nn.ParameterList(nn.Parameter(torch.empty(h, 2 * d).uniform_(-bound, bound))
-                                           for _ in range(n_mats))
+        self.rel_weight = nn.Parameter(torch.empty(n_mats, h, 2 * d).uniform_(-bound, bound))  # W_R
         self.rel_bias = nn.Parameter(torch.empty(n_mats, h).uniform_(-bound, bound))  # b_R
+        # how the per-relation products run: None = one padded batched matmul on CUDA (few kernel launches),
+        # a loop over the relations present on the CPU (no padding flops); both give the same result
+        self.relation_batched: bool | None = None
 
     def image_fragments(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """feats (N, K, D), mask (N, K) bool -> vecs (Ni, h) of the unmasked rows, owner (Ni,) image index."""
@@ -53,17 +53,34 @@ class DeFrag(nn.Module):
         e = torch.cat([self.words(w1), self.words(w2)], dim=1)  # (T, 2d)
         if self.shared_relation:
             return torch.relu(e @ self.rel_weight[0].T + self.rel_bias[0]), owner
-        # one matmul per relation type present: sort triples by relation, project each run, undo the sort
+        batched = e.is_cuda if self.relation_batched is None else self.relation_batched
+        s = self._relations_batched(e, rel) if batched else self._relations_looped(e, rel)  # (T, h)
+        return torch.relu(s + self.rel_bias[rel]), owner
+
+    def _relations_looped(self, e: Tensor, rel: Tensor) -> Tensor:
+        """W_R e per triple: sort by relation, one matmul per relation present, undo the sort."""
         order = torch.argsort(rel, stable=True)
         counts = torch.bincount(rel, minlength=self.n_relations).tolist()  # one device sync per batch
+        weights = self.rel_weight.unbind(0)  # views; the backward stacks one (R, h, 2d) gradient, not R of them
         pieces, start = [], 0
         for r, n in enumerate(counts):
             if n:
-                pieces.append(e[order[start:start + n]] @ self.rel_weight[r].T)  # (n, h)
+                pieces.append(e[order[start:start + n]] @ weights[r].T)  # (n, h)
                 start += n
         out = torch.cat(pieces) if pieces else e.new_zeros(0, self.h)  # (T, h) in relation order
-        s = torch.empty_like(out).index_copy(0, order, out)  # back to the input order
-        return torch.relu(s + self.rel_bias[rel]), owner
+        return torch.empty_like(out).index_copy(0, order, out)  # back to the input order
+
+    def _relations_batched(self, e: Tensor, rel: Tensor) -> Tensor:
+        """W_R e per triple as one batched matmul over relations, each relation's triples padded to the
+        largest group: (R, n_max, 2d) x (R, 2d, h)."""
+        order = torch.argsort(rel, stable=True)
+        r = rel[order]  # (T,) sorted relations
+        counts = torch.bincount(rel, minlength=self.n_relations)  # (R,)
+        pos = torch.arange(len(r), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]  # (T,) slot in group
+        n_max = int(counts.max()) if len(r) else 0  # one device sync per batch
+        x = e.new_zeros(self.n_relations, n_max, e.shape[1]).index_put((r, pos), e[order])  # (R, n_max, 2d)
+        out = torch.bmm(x, self.rel_weight.transpose(1, 2))[r, pos]  # (T, h) in relation order
+        return torch.empty_like(out).index_copy(0, order, out)
 
     def config(self) -> dict:
         """What rebuilds this module (plain types: stored in checkpoints loaded with weights_only=True)."""

@@ -45,10 +45,11 @@ def fragment_targets(dots: Tensor, same: Tensor, use_mil: bool = True) -> Tensor
         return torch.where(same, torch.ones_like(dots), neg)
     y = torch.where(same, torch.sign(dots), neg)
     lonely = ~(y > 0).any(0) & same.any(0)  # (Ns,) columns with candidates but no positive
-    if dots.shape[0] and bool(lonely.any()):
+    if dots.shape[0]:
         best = dots.masked_fill(~same, float("-inf")).argmax(0)  # (Ns,) first maximum
-        cols = lonely.nonzero().squeeze(1)
-        y[best[cols], cols] = 1.0
+        force = torch.zeros_like(same)
+        force[best, torch.arange(dots.shape[1], device=dots.device)] = lonely  # no host sync: masks only
+        y = torch.where(force, torch.ones_like(y), y)
     return y
 
 

@@ -81,7 +81,7 @@ def test_mil_forces_one_positive_and_zero_dots_count_neither_way():
     # column 2: own dots 0, 0 (a tie) -> +1 on the first (f5, hinge 1), f6 y = 0; negatives f0..f4 with dots
     #   -1, -2, 5, 3, 2 -> hinges 0, 0, 6, 4, 3 shared over 5
     expected = 2 + 13 / 6 + 0 + 1 + 1 + 13 / 5
-    assert float(total) == pytest.approx(expected)
+    assert float(total.detach()) == pytest.approx(expected)
     total.backward()
     # the tie went to f5: its gradient holds the positive's pull -s2 that f6 (y = 0 in column 2) lacks
     torch.testing.assert_close(iv.grad[5] - iv.grad[6], -sv[2].detach())
