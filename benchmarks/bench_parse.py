@@ -28,7 +28,7 @@ MODELS = ROOT / "tests" / "stanza_models"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "flickr8k" / "Flickr8k.token.txt"))
+    ap.add_argument("--dataset", default=str(ROOT / "tests" / "data" / "flickr8k" / "Flickr8k.token.txt"))
     ap.add_argument("--n", type=int, default=2000, help="captions parsed in bulk")
     ap.add_argument("--n-single", type=int, default=500, help="captions parsed one call each")
     ap.add_argument("--batch-size", type=int, default=512, help="captions per bulk call")

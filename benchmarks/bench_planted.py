@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_planted.py                  # CPU (parsing 40,000 captions first)
     python benchmarks/bench_planted.py --device cuda --epochs 15          # the same on a GPU
 
-Text side: Flickr8k's captions (/work/shared/data/flickr8k) through the project's parse stage (Luigi
+Text side: Flickr8k's captions (tests/data/flickr8k) through the project's parse stage (Luigi
 ParseSentences + BuildVocab with the small Stanza models of tests/stanza_models, or --stanza-dir for real ones).
 Image side, planted: every vocabulary word gets a random prototype in feature space; an image's regions are noisy
 copies of the prototypes of the words its captions mention (the words most of its captions share first), plus
@@ -77,7 +77,7 @@ def image_words(triple_folder: Path, vocab, per_image: int, rng: np.random.Gener
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="/work/shared/data/flickr8k")
+    ap.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "flickr8k"))
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "defrag-bench-planted"))
     ap.add_argument("--stanza-dir", default="", help="real Stanza models instead of the project's small ones")
     ap.add_argument("--triples", default="", help="an existing triple cache folder (skips the parse stage; with --vocab)")

@@ -13,7 +13,7 @@ from pipeline.parse import (ParseSettings, StanzaModelsMissing, get_pipeline, pa
 from pipeline.triples import document_triples
 
 MODELS = Path(__file__).resolve().parent / "stanza_models"
-EWT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud_english_ewt" / "en_ewt-ud-test.conllu"
+EWT_TEST = Path(__file__).resolve().parent / "data" / "ud_english_ewt" / "en_ewt-ud-test.conllu"
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,12 @@
 """Triple extraction on gold parses from the real UD English EWT treebank (no parser model involved)."""
 from pathlib import Path
 
-import pytest
 from stanza.utils.conll import CoNLL
 
 from pipeline.triples import (DEFAULT_SKIP_RELATIONS, ROOT_WORD, Triple, document_triples, is_skipped,
                               parse_skip_relations)
 
-EWT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud_english_ewt" / "en_ewt-ud-test.conllu"
-pytestmark = pytest.mark.skipif(not EWT_TEST.exists(), reason=f"UD English EWT not found at {EWT_TEST}")
+EWT_TEST = Path(__file__).resolve().parent / "data" / "ud_english_ewt" / "en_ewt-ud-test.conllu"
 
 
 def gold_sentence(text: str):

@@ -7,7 +7,7 @@
 # it never selects a checkpoint).  One thread per trainer: with the default
 # thread settings the trainers spin in system time on small machines.
 #
-#   tests/stanza_models/build_models.sh [UD_DIR]       (default ../shared/data/ud_english_ewt)
+#   tests/stanza_models/build_models.sh [UD_DIR]       (default tests/data/ud_english_ewt)
 #   TAGGER_STEPS=5000 PARSER_STEPS=500 tests/stanza_models/build_models.sh
 #
 # SKIP_TRAIN=1 re-scores models already trained in $WORK.
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-UD="${1:-$HERE/../../../shared/data/ud_english_ewt}"
+UD="${1:-$HERE/../data/ud_english_ewt}"
 TRAIN="$UD/en_ewt-ud-dev.conllu"
 TEST="$UD/en_ewt-ud-test.conllu"
 WORK="${WORK:-$(mktemp -d /tmp/defrag-stanza-models.XXXXXX)}"
