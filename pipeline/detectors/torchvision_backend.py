@@ -111,14 +111,19 @@ def _calibrate_batchnorm(model: torch.nn.Module, n: int = 4, side: int = 256) ->
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration pass
         bn.train()
-    coarse = torch.rand(n, 3, 8, 8)  # blobs like objects, plus fine texture
-    imgs = (torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-            * 0.8 + 0.2 * torch.rand(n, 3, side, side))
-    batch, _ = model.transform(list(imgs))
-    feats = model.backbone(batch.tensors)
-    proposals, _ = model.rpn(batch, feats)
-    rh = model.roi_heads
-    rh.box_head(rh.box_roi_pool(feats, proposals, batch.image_sizes))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the statistics are part of the weights: the same on every machine and thread count
+    try:
+        coarse = torch.rand(n, 3, 8, 8)  # blobs like objects, plus fine texture
+        imgs = (torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+                * 0.8 + 0.2 * torch.rand(n, 3, side, side))
+        batch, _ = model.transform(list(imgs))
+        feats = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, feats)
+        rh = model.roi_heads
+        rh.box_head(rh.box_roi_pool(feats, proposals, batch.image_sizes))
+    finally:
+        torch.set_num_threads(threads)
     for bn in bns:
         bn.momentum = 0.1
         bn.eval()
