@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
 from .objective import pair_scores
-from .store import FragmentStore, Split, _vocab_maps, encode
+from .store import FragmentStore, Split, vocab_maps, encode
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int
 def query_triples(store: FragmentStore, triples: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Parsed triples (pipeline.triples.Triple) -> rel, w1, w2 (T,) ids, with the store's rules for unknown
     words and relations (``FragmentStore._read_triples``: the training captions went through the same)."""
-    word_ix, rel_ix, unk, unk_rel = _vocab_maps(store.vocab)
+    word_ix, rel_ix, unk, unk_rel = vocab_maps(store.vocab)
     missing_rel = -1 if unk_rel is None else unk_rel
     out = []
     for t in triples:

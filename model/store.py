@@ -174,7 +174,11 @@ def _load_features(shards: list[Path], n: int, k: int, dim: int) -> Tensor:
     return out
 
 
-def _vocab_maps(vocab: Any) -> tuple[dict[str, int], dict[str, int], int, int | None]:
+def vocab_maps(vocab: Any) -> tuple[dict[str, int], dict[str, int], int, int | None]:
+    """String -> id maps of a vocabulary: (word ids, relation ids, unknown word id, unknown relation id or None).
+
+    Captions in the store and free-text queries (model/runs.py) map through the same rules.
+    """
     words, rels = list(vocab.words), list(vocab.relations)
     unk = getattr(vocab, "unk", "<unk>")
     word_ix = {w: i for i, w in enumerate(words)}
@@ -236,7 +240,7 @@ class FragmentStore:
         shards = list_shards(self.triple_folder)
         if not shards:
             raise CacheError(f"triple cache {self.triple_folder} holds no finished shards: run ParseSentences")
-        word_ix, rel_ix, unk, unk_rel = _vocab_maps(self.vocab)
+        word_ix, rel_ix, unk, unk_rel = vocab_maps(self.vocab)
         cap_ids, cap_img, lens, rel, w1, w2 = [], [], [], [], [], []
         dropped_caps, unknown_words, dropped_triples, failed = 0, 0, 0, 0
         for path in shards:
