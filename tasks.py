@@ -89,10 +89,14 @@ def _cached_dataset(dataset: str, image_root: str):
     return load_dataset(dataset, image_root or None)
 
 
-class ExtractRegionShard(_RegionParams):
-    """One shard of images -> <cache_dir>/regions/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
+class _ShardTask:
+    """One shard file of a stage-1 cache: output in the stage's cache folder, a `gpu` resource on CUDA, progress."""
 
     shard_index = luigi.IntParameter()
+    unit = "items"  # what the progress message counts
+
+    def shard_folder(self):
+        raise NotImplementedError
 
     @property
     def resources(self):
@@ -101,19 +105,28 @@ class ExtractRegionShard(_RegionParams):
     def output(self):
         from pipeline.cache import shard_name
 
-        return luigi.LocalTarget(str(self.region_folder() / shard_name(self.shard_index)))
+        return luigi.LocalTarget(str(self.shard_folder() / shard_name(self.shard_index)))
+
+    def report_progress(self, done: int, total: int) -> None:
+        self.set_progress_percentage(round(100 * done / max(total, 1)))
+        self.set_status_message(f"{done}/{total} {self.unit}")
+
+
+class ExtractRegionShard(_ShardTask, _RegionParams):
+    """One shard of images -> <cache_dir>/regions/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
+
+    unit = "images"
+
+    def shard_folder(self):
+        return self.region_folder()
 
     def run(self):
         from pipeline.devices import resolve_device
         from pipeline.regions import run_shard
 
-        def progress(done: int, total: int) -> None:
-            self.set_progress_percentage(round(100 * done / max(total, 1)))
-            self.set_status_message(f"{done}/{total} images")
-
         run_shard(self.dataset_records(), self.output().path, self.region_config(), shard_size=self.shard_size,
                   shard_index=self.shard_index, device=resolve_device(self.device), batch_size=self.batch_size,
-                  on_error=self.on_error, progress=progress)
+                  on_error=self.on_error, progress=self.report_progress)
 
 
 class ExtractRegions(_RegionParams, luigi.WrapperTask):
@@ -181,32 +194,22 @@ class _ParseParams(DatasetTask):
         return triple_cache_folder(self.cache_root, self.dataset_records(), self.parse_settings(), self.shard_size)
 
 
-class ParseShard(_ParseParams):
+class ParseShard(_ShardTask, _ParseParams):
     """One shard of captions -> <cache_dir>/triples/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
 
-    shard_index = luigi.IntParameter()
+    unit = "captions parsed"
 
-    @property
-    def resources(self):
-        return device_resources(self.device)
-
-    def output(self):
-        from pipeline.cache import shard_name
-
-        return luigi.LocalTarget(str(self.triple_folder() / shard_name(self.shard_index)))
+    def shard_folder(self):
+        return self.triple_folder()
 
     def run(self):
         from pipeline.cache import shard_ranges
         from pipeline.parse import parse_shard
 
-        def progress(done: int, total: int) -> None:
-            self.set_progress_percentage(round(100 * done / max(total, 1)))
-            self.set_status_message(f"{done}/{total} captions parsed")
-
         ranges = shard_ranges(len(self.dataset_records().captions), self.shard_size)
         start, stop = ranges[self.shard_index]
         parse_shard(self.dataset_records(), start, stop, self.output().path, self.parse_settings(),
-                    self.shard_index, len(ranges), progress)
+                    self.shard_index, len(ranges), self.report_progress)
 
 
 class ParseSentences(_ParseParams, luigi.WrapperTask):
