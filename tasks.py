@@ -21,6 +21,13 @@ class defrag(luigi.Config):  # noqa: N801 - the section name in luigi.cfg
     run_dir = luigi.Parameter(default="runs")
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(dataset: str, image_root: str):
+    from data import load_dataset
+
+    return load_dataset(dataset, image_root or None)
+
+
 class DatasetTask(luigi.Task):
     """Parameters every task shares: which dataset, where its images are, where caches go."""
 
@@ -28,10 +35,9 @@ class DatasetTask(luigi.Task):
     image_root = luigi.Parameter(default="", description="folder the dataset's image paths are relative to")
     cache_dir = luigi.Parameter(default="", description="cache folder (default: [defrag] cache_dir)")
 
-    def load(self):
-        from data import load_dataset
-
-        return load_dataset(self.dataset, self.image_root or None)
+    def dataset_records(self):
+        """The dataset, read once per process (scheduling asks every shard task for its output)."""
+        return _cached_dataset(self.dataset, self.image_root)
 
     @property
     def cache_root(self) -> str:
@@ -72,21 +78,10 @@ class _RegionParams(DatasetTask):
         return RegionConfig(self.detector, self.detector_weights, self.seed, self.feature_dtype,
                             self.max_image_side, self.min_size, self.max_size, self.amp)
 
-    def dataset_records(self):
-        return _cached_dataset(self.dataset, self.image_root)
-
     def region_folder(self):
         from pipeline.regions import region_cache_folder
 
         return region_cache_folder(self.cache_root, self.dataset_records(), self.region_config(), self.shard_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_dataset(dataset: str, image_root: str):
-    """Scheduling asks every shard task for its output: read the dataset file once per process."""
-    from data import load_dataset
-
-    return load_dataset(dataset, image_root or None)
 
 
 class _ShardTask:
@@ -183,9 +178,6 @@ class _ParseParams(DatasetTask):
         return ParseSettings(package=self.stanza_package, stanza_dir=self.stanza_dir, tagger=self.stanza_tagger,
                              parser=self.stanza_parser, skip_relations=self.skip_relations,
                              max_tokens=self.max_tokens, batch_size=self.batch_size, device=self.device)
-
-    def dataset_records(self):
-        return _cached_dataset(self.dataset, self.image_root)
 
     def triple_folder(self):
         """The triple cache folder of these parameters (for tasks that read it, e.g. training)."""
@@ -366,7 +358,7 @@ class TrainEmbedding(DatasetTask):
         from model.train import train
 
         up = self._upstream()
-        data = _cached_dataset(self.dataset, self.image_root)
+        data = self.dataset_records()
         folder = self.run_folder()
         self.set_status_message(f"training -> {folder}")
         summary = train(self.train_config(), up["regions"].region_folder(), up["triples"].triple_folder(),
@@ -413,7 +405,7 @@ class Evaluate(TrainEmbedding):
         from pipeline.devices import resolve_device
 
         write_dataset_reference(self.run_folder(), self.dataset, self.image_root)
-        return open_run(self.run_folder(), dataset=_cached_dataset(self.dataset, self.image_root),
+        return open_run(self.run_folder(), dataset=self.dataset_records(),
                         device=resolve_device(self.device))
 
     def run(self):

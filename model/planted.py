@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.cache import K_FRAGMENTS, WHOLE_IMAGE_ROW, cache_key, shard_ranges, write_region_shard, write_triple_shard
-from pipeline.vocab import UNK, Vocab, build_vocab, save_vocab
+from pipeline.vocab import Vocab, build_vocab, save_vocab
 
 
 def planted_regions(image_words: Sequence[Sequence[int]], prototypes: np.ndarray, rng: np.random.Generator, *,

@@ -114,7 +114,7 @@ def test_flickr8k_bad_input(tmp_path, token, lists, match):
 
 
 def test_flickr8k_missing_split_list(tmp_path):
-    token_path = flickr8k_files(tmp_path, "a.jpg#0\tx\n")
+    flickr8k_files(tmp_path, "a.jpg#0\tx\n")
     (tmp_path / "Flickr_8k.testImages.txt").unlink()
     with pytest.raises(DatasetError, match=r"Flickr_8k.testImages.txt: split list not found"):
         load_dataset(tmp_path)  # the folder means its token file

@@ -11,7 +11,7 @@ from luigi.execution_summary import LuigiStatusCode
 
 from data import load_dataset
 from pipeline.cache import list_shards, read_triple_shard
-from pipeline.vocab import UNK, Vocab, build_vocab, count_shards, load_vocab, save_vocab
+from pipeline.vocab import UNK, build_vocab, count_shards, load_vocab, save_vocab
 
 MODELS = Path(__file__).resolve().parent / "stanza_models"
 
