@@ -435,4 +435,5 @@ class Report(Evaluate):
 
         self.set_status_message("drawing alignment pictures")
         build_report(self.open_run(), self.split, n_queries=self.report_queries, top=self.report_top,
-                     seed=self.report_seed, captions_per_image=self.captions_per_image)
+                     seed=self.report_seed, captions_per_image=self.captions_per_image,
+                     fold_size=self.fold_size)

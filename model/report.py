@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .evaluate import first_captions, protocol_metrics
+from .evaluate import annotation_ranks, search_ranks
 from .explain import draw_alignment
-from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, region_boxes, split_scores,
-                   triple_labels)
+from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, evaluation_result, region_boxes,
+                   split_scores, triple_labels)
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,9 @@ class _Builder:
         return rel, f"{iid} with “{self.texts.get(cid, cid)}”"
 
 
-def _pessimistic_rank(column: np.ndarray, right: np.ndarray) -> int:
-    """1 + the number of wrong candidates scoring at least the best right one."""
-    best = column[right].max()
-    return int(1 + ((column >= best) & ~right).sum())
-
-
 def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None = None, *, n_queries: int = 4,
-                 top: int = 5, seed: int = 0, per_region: int = 3, captions_per_image: int = 5) -> Path:
+                 top: int = 5, seed: int = 0, per_region: int = 3, captions_per_image: int = 5,
+                 fold_size: int = 1000) -> Path:
     """Write the report folder (default ``<run>/report``) and return its index.html."""
     final = Path(out_dir) if out_dir else run.folder / "report"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -109,12 +104,10 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
         shutil.rmtree(tmp)
     b = _Builder(run, split_name, tmp, per_region)
     split = b.split
-    scores = split_scores(run, split).numpy()  # (n_images, n_captions)
-    cap_img = split.caption_image.cpu().numpy()
-    keep = first_captions(cap_img, captions_per_image)
-    metrics = protocol_metrics(scores[:, keep], cap_img[keep])
-    result = {**metrics, "run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
-              "captions_per_image": captions_per_image, "dataset": run.dataset.describe()}
+    scores_t = split_scores(run, split)  # (n_images, n_captions)
+    result = evaluation_result(run, split_name, scores_t, captions_per_image, fold_size)
+    scores, cap_img = scores_t.numpy(), split.caption_image.cpu().numpy()
+    annotation_rank, search_rank = annotation_ranks(scores, cap_img), search_ranks(scores, cap_img)
 
     rng = np.random.default_rng(seed)
     with_caps = np.unique(cap_img)
@@ -125,7 +118,7 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
     for i in img_q.tolist():
         row, right = scores[i], cap_img == i
         order = np.argsort(-row, kind="stable")[:top]
-        ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=_pessimistic_rank(row, right))
+        ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=int(annotation_rank[i]))
         ex.hits = [Hit(r + 1, float(row[j]), b.caption_ids[j], text=b.texts.get(b.caption_ids[j], ""),
                        correct=bool(right[j])) for r, j in enumerate(order.tolist())]
         ex.pictures.append(b.picture(i, int(order[0]), "top"))
@@ -139,7 +132,7 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
         col, right = scores[:, j], np.arange(len(scores)) == cap_img[j]
         order = np.argsort(-col, kind="stable")[:top]
         cid = b.caption_ids[j]
-        ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=_pessimistic_rank(col, right))
+        ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=int(search_rank[j]))
         ex.hits = [Hit(r + 1, float(col[i]), b.image_ids[i], image=b.thumb(i), correct=bool(right[i]))
                    for r, i in enumerate(order.tolist())]
         ex.pictures.append(b.picture(int(order[0]), j, "top"))

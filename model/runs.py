@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import CacheError, list_shards, read_region_shard
+from pipeline.cache import CacheError, list_shards, read_region_shard, write_text_atomic
 
 from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
-from .objective import pair_scores
-from .store import FragmentStore, Split, vocab_maps, encode
+from .store import FragmentStore, Split, encode, encode_captions, encode_images, vocab_maps
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +93,8 @@ def dataset_reference(folder: Path) -> dict | None:
 
 def write_dataset_reference(folder: str | Path, dataset: str, image_root: str = "") -> Path:
     """Record which dataset a run belongs to, so retrieval and reports find its images and captions."""
-    path = Path(folder) / DATASET_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"dataset": dataset, "image_root": image_root}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / DATASET_FILE,
+                             json.dumps({"dataset": dataset, "image_root": image_root}, indent=2) + "\n")
 
 
 def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = None,
@@ -135,7 +131,7 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
 def split_scores(run: Run, split: Split) -> Tensor:
     """(n_images, n_captions) S_kl of every image and caption of a split."""
     iv, io, sv, so = encode(run.model, split, run.device)
-    return score_matrix(iv, io, split.n_images, sv, so, split.n_captions, score_fn=pair_scores,
+    return score_matrix(iv, io, split.n_images, sv, so, split.n_captions,
                         smooth=run.smooth, threshold=run.threshold)
 
 
@@ -147,9 +143,15 @@ def evaluate_split(run: Run, split_name: str = "test", captions_per_image: int =
     if split.n_images == 0 or split.n_captions == 0:
         raise RunError(f"split {split_name!r} of run {run.folder} has {split.n_images} images and "
                        f"{split.n_captions} captions with fragments: nothing to evaluate")
-    scores = split_scores(run, split)
-    keep = first_captions(split.caption_image.cpu(), captions_per_image)
-    out = protocol_metrics(scores[:, keep], split.caption_image.cpu()[keep], fold_size)
+    return evaluation_result(run, split_name, split_scores(run, split), captions_per_image, fold_size)
+
+
+def evaluation_result(run: Run, split_name: str, scores: Tensor, captions_per_image: int = 5,
+                      fold_size: int = 1000) -> dict[str, Any]:
+    """The protocols on an already scored split (n_images, n_captions), with the run's description."""
+    cap_img = run.store.split(split_name).caption_image.cpu()
+    keep = first_captions(cap_img, captions_per_image)
+    out = protocol_metrics(scores[:, keep], cap_img[keep], fold_size)
     out.update({"run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
                 "captions_per_image": captions_per_image, "dataset": run.dataset.describe(),
                 "score": {"smooth": run.smooth, "threshold": run.threshold}})
@@ -173,9 +175,7 @@ def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int
     result = evaluate_split(run, split_name, captions_per_image, fold_size)
     paths = (run.folder / f"eval-{split_name}.json", run.folder / f"eval-{split_name}.md")
     for path, text in zip(paths, (json.dumps(result, indent=2) + "\n", evaluation_markdown(result))):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     log.info("evaluation of %s on %s:\n%s", run.name, split_name, evaluation_markdown(result))
     return paths
 
@@ -219,9 +219,9 @@ def sentence_vectors(run: Run, rel: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
 def rank_images(run: Run, split: Split, rel: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """(n_images,) S_kl of every image of the split with one sentence given as id triples."""
     s = sentence_vectors(run, rel, w1, w2)  # (T, h)
-    iv, io, _, _ = encode(run.model, split, run.device)  # captions are cheap next to the images' matmul
+    iv, io = encode_images(run.model, split, run.device)
     owner = torch.zeros(len(s), dtype=torch.long, device=run.device)
-    return score_matrix(iv, io, split.n_images, s, owner, 1, score_fn=pair_scores, smooth=run.smooth,
+    return score_matrix(iv, io, split.n_images, s, owner, 1, smooth=run.smooth,
                         threshold=run.threshold)[:, 0]
 
 
@@ -230,8 +230,8 @@ def rank_captions(run: Run, split: Split, image_index: int) -> Tensor:
     """(n_captions,) S_kl of one image of the split with every caption of the split."""
     feats, mask = split.images(torch.tensor([image_index]))
     iv, io = run.model.image_fragments(feats.to(run.device), mask.to(run.device))  # (n_real, h)
-    _, _, sv, so = encode(run.model, split, run.device)
-    return score_matrix(iv, io, 1, sv, so, split.n_captions, score_fn=pair_scores, smooth=run.smooth,
+    sv, so = encode_captions(run.model, split, run.device)
+    return score_matrix(iv, io, 1, sv, so, split.n_captions, smooth=run.smooth,
                         threshold=run.threshold)[0]
 
 

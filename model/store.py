@@ -258,11 +258,9 @@ class FragmentStore:
             keep = ~is_unk if self.skip_unknown else r_id >= 0
             dropped_triples += int((~keep).sum())
             cap_of = np.repeat(np.arange(len(ids)), np.diff(offsets))  # (T_shard,) caption of each triple
-            for m, (cid, iid) in enumerate(zip(ids, imgs)):
-                if iid not in known:
-                    dropped_caps += 1
-                    keep[offsets[m]:offsets[m + 1]] = False
-            kept_caps = np.array([iid in known for iid in imgs], bool)
+            kept_caps = np.array([iid in known for iid in imgs], bool)  # captions whose image is in the cache
+            keep &= kept_caps[cap_of]
+            dropped_caps += int((~kept_caps).sum())
             cap_ids += [c for c, k in zip(ids, kept_caps) if k]
             cap_img += [known[i] for i, k in zip(imgs, kept_caps) if k]
             lens.append(np.bincount(cap_of[keep], minlength=len(ids))[kept_caps])

@@ -23,13 +23,13 @@ from typing import Any, Mapping
 
 import torch
 
-from pipeline.cache import cache_key
+from pipeline.cache import cache_key, write_text_atomic
 from pipeline.devices import resolve_device
 
 from .batches import epoch_batches
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from .defrag import DeFrag
-from .objective import defrag_cost, pair_scores
+from .objective import defrag_cost
 from .store import FragmentStore, Split, encode_captions, encode_images
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.dev
     for c0 in range(0, split.n_captions, captions_per_chunk):
         c1 = min(c0 + captions_per_chunk, split.n_captions)
         sv, so = encode_captions(model, split, device, c0, c1)
-        scores[:, c0:c1] = score_matrix(iv, io, split.n_images, sv, so, c1 - c0, score_fn=pair_scores,
+        scores[:, c0:c1] = score_matrix(iv, io, split.n_images, sv, so, c1 - c0,
                                         budget_bytes=64 * 2**20, smooth=config.smooth,
                                         threshold=config.threshold_global)
     model.train(was_training)
@@ -126,12 +126,6 @@ def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.dev
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def _read_log(path: Path, upto_epoch: int) -> list[dict]:
     """Records of log.jsonl up to an epoch (a resumed run drops what a killed epoch wrote after its checkpoint)."""
@@ -290,11 +284,11 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         _set_rng_state(ckpt["rng"])
         start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt["history"])
         log.info("resuming %s after epoch %d", out, start_epoch)
-    _atomic_write(out / "config.json", json.dumps({"name": name, "config": asdict(cfg), "sources": sources,
+    write_text_atomic(out / "config.json", json.dumps({"name": name, "config": asdict(cfg), "sources": sources,
                                                    "cache_keys": store.cache_keys, "vocab_key": vocab_key,
                                                    "store": store.describe()}, indent=2) + "\n")
     records = _read_log(out / "log.jsonl", start_epoch)
-    _atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     _place(store, device)
     obj = cfg.objective_kwargs()
@@ -385,5 +379,5 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
     summary = {"run_dir": str(out), "name": name, "epochs": len(history), "best": best,
                "last": history[-1] if history else None, "seconds": time.time() - t_run,
                "device": str(device), "store": store.describe()}
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

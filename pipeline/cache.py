@@ -78,6 +78,20 @@ def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON, Markdown) through a temporary name in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -329,8 +343,5 @@ def cache_folder(cache_dir: str | Path, kind: str, dataset_name: str, content: M
     folder = Path(cache_dir) / kind / f"{safe}-{cache_key(content)}"
     meta = folder / "cache.json"
     if not meta.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_name(f".cache.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, meta)
+        write_text_atomic(meta, json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
     return folder

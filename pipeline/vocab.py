@@ -13,16 +13,14 @@ Relations: every relation seen in training (no minimum). Order: count descending
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .cache import CacheError, canonical_json, list_shards, read_triple_shard
+from .cache import CacheError, cache_folder, cache_key, list_shards, read_triple_shard, write_text_atomic
 
 UNK = "<unk>"
 DEFAULT_MIN_COUNT = 5
@@ -61,7 +59,7 @@ class Vocab:
     @cached_property
     def key(self) -> str:
         """A short hash of the content: checkpoints record it and refuse another vocabulary."""
-        return hashlib.sha256(canonical_json(self.to_json()).encode()).hexdigest()[:12]
+        return cache_key(self.to_json())
 
 
 def _ordered(counts: Counter) -> list[tuple[str, int]]:
@@ -121,12 +119,7 @@ def vocab_from_cache(triple_folder: str | Path, train_caption_ids: set[str], min
 
 def save_vocab(vocab: Vocab, path: str | Path) -> Path:
     """Write vocab.json atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(vocab.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(vocab.to_json(), indent=1, ensure_ascii=False) + "\n")
 
 
 def load_vocab(path: str | Path) -> Vocab:
@@ -155,7 +148,6 @@ def load_vocab(path: str | Path) -> Vocab:
 def vocab_path(cache_dir: str | Path, dataset_name: str, triple_folder: str | Path,
                min_count: int = DEFAULT_MIN_COUNT) -> Path:
     """``<cache_dir>/vocab/<dataset>-<key>/vocab.json``, the key a hash of the triple cache and the settings."""
-    from .cache import cache_folder
 
     content = {"triples": Path(triple_folder).name, "split": "train", "min_count": min_count, "counting": "v1"}
     return cache_folder(cache_dir, "vocab", dataset_name, content) / "vocab.json"
