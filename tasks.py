@@ -81,7 +81,10 @@ class _RegionParams(DatasetTask):
     def region_folder(self):
         from pipeline.regions import region_cache_folder
 
-        return region_cache_folder(self.cache_root, self.dataset_records(), self.region_config(), self.shard_size)
+        if "_region_folder" not in self.__dict__:  # hashed once per task: scheduling asks for it often
+            self._region_folder = region_cache_folder(self.cache_root, self.dataset_records(),
+                                                      self.region_config(), self.shard_size)
+        return self._region_folder
 
 
 class _ShardTask:
@@ -175,15 +178,21 @@ class _ParseParams(DatasetTask):
     def parse_settings(self):
         from pipeline.parse import ParseSettings
 
-        return ParseSettings(package=self.stanza_package, stanza_dir=self.stanza_dir, tagger=self.stanza_tagger,
-                             parser=self.stanza_parser, skip_relations=self.skip_relations,
-                             max_tokens=self.max_tokens, batch_size=self.batch_size, device=self.device)
+        if "_parse_settings" not in self.__dict__:  # one object per task, so its model identity is resolved once
+            self._parse_settings = ParseSettings(
+                package=self.stanza_package, stanza_dir=self.stanza_dir, tagger=self.stanza_tagger,
+                parser=self.stanza_parser, skip_relations=self.skip_relations, max_tokens=self.max_tokens,
+                batch_size=self.batch_size, device=self.device)
+        return self._parse_settings
 
     def triple_folder(self):
         """The triple cache folder of these parameters (for tasks that read it, e.g. training)."""
         from pipeline.parse import triple_cache_folder
 
-        return triple_cache_folder(self.cache_root, self.dataset_records(), self.parse_settings(), self.shard_size)
+        if "_triple_folder" not in self.__dict__:  # hashed once per task: scheduling asks for it often
+            self._triple_folder = triple_cache_folder(self.cache_root, self.dataset_records(),
+                                                      self.parse_settings(), self.shard_size)
+        return self._triple_folder
 
 
 class ParseShard(_ShardTask, _ParseParams):

@@ -66,6 +66,14 @@ class Dataset:
         return out
 
     @cached_property
+    def image_identity(self) -> str:
+        """A short hash of the image ids and paths only: what region caches depend on."""
+        h = hashlib.sha256()
+        for im in self.images:
+            h.update(json.dumps([im.image_id, im.path]).encode())
+        return h.hexdigest()[:16]
+
+    @cached_property
     def identity(self) -> str:
         """A short hash of the content (ids, paths, splits, texts): caches of another content never mix."""
         h = hashlib.sha256()

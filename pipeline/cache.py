@@ -47,9 +47,6 @@ K_FRAGMENTS = 20  # the paper: top 19 detections + the whole image
 WHOLE_IMAGE_ROW = 0
 STR = h5py.string_dtype(encoding="utf-8")
 
-REGION_FIELDS = ("image_ids", "image_hw", "boxes", "scores", "labels", "mask", "features")
-TRIPLE_FIELDS = ("caption_ids", "image_ids", "texts", "offsets", "num_tokens", "truncated",
-                 "rel", "head", "dep", "head_lemma", "dep_lemma", "head_pos", "dep_pos")
 _STRING_FIELDS = {"image_ids", "caption_ids", "texts", "rel", "head", "dep", "head_lemma", "dep_lemma",
                   "failed_ids", "failed_reasons"}
 
@@ -90,6 +87,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a model file (the identity caches record), remembered per (path, size, mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def library_versions() -> dict[str, str]:

@@ -20,13 +20,10 @@ Stanza fails on is recorded in the shard's failures and gets no triples; neither
 from __future__ import annotations
 
 import atexit
-import functools
-import hashlib
 import html
 import json
 import logging
 import re
-import socket
 import shutil
 import tempfile
 import urllib.parse
@@ -36,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .cache import cache_folder, write_triple_shard
+from .cache import cache_folder, file_sha256, write_triple_shard
+from .network import reachable
 from .triples import DEFAULT_SKIP_RELATIONS, Triple, document_triples, parse_skip_relations
 
 log = logging.getLogger(__name__)
@@ -134,15 +132,6 @@ class ParseSettings:
         return d
 
 
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime invalidate the memo
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _local_models(s: ParseSettings) -> dict:
     out = {}
     for proc, p in (("pos", s.tagger), ("depparse", s.parser)):
@@ -151,8 +140,7 @@ def _local_models(s: ParseSettings) -> dict:
             raise StanzaModelsMissing(f"Stanza {proc} model file {path} does not exist: give an existing file "
                                       f"(--stanza-tagger / --stanza-parser), or rebuild the project's small models "
                                       f"with tests/stanza_models/build_models.sh")
-        st = path.stat()
-        out[proc] = {"path": str(path), "sha256": _sha256(str(path), st.st_size, st.st_mtime_ns)}
+        out[proc] = {"path": str(path), "sha256": file_sha256(path)}
     return out
 
 
@@ -175,22 +163,14 @@ def _package_models(s: ParseSettings) -> dict:
         return _resolve_package(s)
 
 
-def _online(host: str, timeout: float = 3.0) -> bool:
-    """A quick reachability check, so an offline machine fails in seconds instead of retrying downloads."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _download_package(s: ParseSettings) -> bool:
     import stanza
     from stanza.resources.common import DEFAULT_RESOURCES_URL
 
     host = urllib.parse.urlparse(DEFAULT_RESOURCES_URL).hostname or ""
-    if not _online(host):
-        log.info("Stanza models missing and %s is unreachable: not downloading", host)
+    ok, why = reachable(host)
+    if not ok:
+        log.info("Stanza models missing and %s is unreachable (%s): not downloading", host, why)
         return False
     log.info("downloading Stanza %s models (package %s) into %s, once", s.lang, s.package, s.resources_dir)
     try:

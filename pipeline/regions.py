@@ -10,8 +10,6 @@ loads one shard's images, runs the detector in batches and writes the shard atom
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,10 +70,7 @@ class RegionConfig:
 def region_dataset(dataset) -> dict[str, Any]:
     """The dataset identity region shards carry: name and a hash of the image ids and paths (captions and
     splits do not change regions, so editing captions keeps the region cache)."""
-    h = hashlib.sha256()
-    for im in dataset.images:
-        h.update(json.dumps([im.image_id, im.path]).encode())
-    return {"name": dataset.name, "images": len(dataset.images), "image_list": h.hexdigest()[:16]}
+    return {"name": dataset.name, "images": len(dataset.images), "image_list": dataset.image_identity}
 
 
 def region_cache_folder(cache_dir: str | Path, dataset, config: RegionConfig, shard_size: int) -> Path:

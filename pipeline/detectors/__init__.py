@@ -13,15 +13,15 @@ weights through its own download cache), a local file (its sha256 is recorded), 
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..cache import file_sha256  # noqa: F401 - part of this module's API
+from ..network import reachable
 
 DEFAULT_DETECTOR = "torchvision-r50-fpn-v2"
 MAX_DETECTIONS = 19  # the paper: 19 detections + the whole image = 20 fragments
@@ -35,7 +35,7 @@ class DetectorError(RuntimeError):
 class RegionResult:
     """One image's detections, in the pixels of the tensor given to ``extract``, by descending score."""
 
-    boxes: torch.Tensor  # (n, 4) float32 xyxy, n <= max_detections
+    boxes: torch.Tensor  # (n, 4) float32 xyxy, n <= MAX_DETECTIONS
     scores: torch.Tensor  # (n,) float32
     labels: torch.Tensor  # (n,) int64, the detector's class ids
     features: torch.Tensor  # (n, D) box-head features of the boxes above
@@ -46,7 +46,6 @@ class Detector:
     """The interface every backend implements."""
 
     feature_dim: int
-    max_detections: int = MAX_DETECTIONS
 
     def describe(self) -> dict[str, Any]:
         """Everything about the detector that changes its output (backend, config, weights identity, sizes)."""
@@ -119,23 +118,6 @@ def build_detector(name: str = DEFAULT_DETECTOR, weights: str = "pretrained", de
 
 # ------------------------------------------------------------------------------------------ weights helpers
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a weights file, remembered per (path, size, mtime) so cache keys stay cheap."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def weights_kind(weights: str) -> str:
     """``pretrained``, ``random`` or ``file`` (a path that must exist)."""
     if weights in ("pretrained", "random"):
@@ -160,19 +142,8 @@ def require_download(url: str, cached: Path, timeout: float = 4.0) -> None:
     if cached.is_file():
         return
     host = url.split("/")[2]
-    error: list[BaseException] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-        except OSError as e:
-            error.append(e)
-
-    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
-    t.start()
-    t.join(timeout + 1.0)
-    if t.is_alive() or error:
-        why = f"{error[0]}" if error else "no answer"
+    ok, why = reachable(host, timeout)
+    if not ok:
         raise DetectorError(
             f"pretrained weights are not in the local cache ({cached}) and {host} cannot be reached ({why}). "
             "Offline, pass --detector-weights PATH (a local weights file) or --detector-weights random "

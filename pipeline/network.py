@@ -1,0 +1,23 @@
+"""One quick reachability check, so an offline machine fails in seconds instead of hanging on downloads."""
+from __future__ import annotations
+
+import socket
+import threading
+
+
+def reachable(host: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """(True, "") when a TCP connection to host:443 opens within ``timeout``; else (False, why)."""
+    error: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as e:
+            error.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout + 1.0)
+    if t.is_alive():
+        return False, "no answer"
+    return (False, str(error[0])) if error else (True, "")
