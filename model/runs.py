@@ -23,7 +23,7 @@ from pipeline.cache import CacheError, list_shards, read_region_shard, write_tex
 from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
-from .store import FragmentStore, Split, encode, encode_captions, encode_images, vocab_maps
+from .store import FragmentStore, Split, encode, encode_captions, encode_images, map_triples, vocab_maps
 
 log = logging.getLogger(__name__)
 
@@ -184,18 +184,10 @@ def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int
 
 def query_triples(store: FragmentStore, triples: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Parsed triples (pipeline.triples.Triple) -> rel, w1, w2 (T,) ids, with the store's rules for unknown
-    words and relations (``FragmentStore._read_triples``: the training captions went through the same)."""
-    word_ix, rel_ix, unk, unk_rel = vocab_maps(store.vocab)
-    missing_rel = -1 if unk_rel is None else unk_rel
-    out = []
-    for t in triples:
-        r, w1, w2 = rel_ix.get(t.rel, missing_rel), word_ix.get(t.head, unk), word_ix.get(t.dep, unk)
-        is_unk = unk in (w1, w2) or r == missing_rel
-        if (is_unk if store.skip_unknown else r < 0):
-            continue
-        out.append((r, w1, w2))
-    ids = torch.tensor(out, dtype=torch.long).reshape(-1, 3)
-    return ids[:, 0], ids[:, 1], ids[:, 2]
+    words and relations (``model.store.map_triples``: the training captions went through the same)."""
+    r, h, d, keep, _ = map_triples(vocab_maps(store.vocab), [t.rel for t in triples], [t.head for t in triples],
+                                   [t.dep for t in triples], store.skip_unknown)
+    return tuple(torch.from_numpy(x[keep]) for x in (r, h, d))
 
 
 def triple_labels(store: FragmentStore, rel: Tensor, w1: Tensor, w2: Tensor) -> list[str]:

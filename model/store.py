@@ -11,7 +11,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +186,24 @@ def vocab_maps(vocab: Any) -> tuple[dict[str, int], dict[str, int], int, int | N
     return word_ix, rel_ix, word_ix.get(unk, 0), rel_ix.get(unk)
 
 
+def map_triples(maps: tuple, rels: Sequence[str], heads: Sequence[str], deps: Sequence[str],
+                skip_unknown: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Triple strings -> relation, head, dependent ids (T,) with ``keep`` and ``is_unk`` masks (T,) bool.
+
+    ``maps`` is ``vocab_maps(vocab)``. Unknown words map to the unknown word; an unknown relation maps to the
+    unknown relation, or is dropped when the vocabulary has none; ``skip_unknown`` drops every triple with an
+    unknown word or relation (the original code).
+    """
+    word_ix, rel_ix, unk, unk_rel = maps
+    missing_rel = -1 if unk_rel is None else unk_rel
+    r_id = np.array([rel_ix.get(r, missing_rel) for r in rels], np.int64)
+    h_id = np.array([word_ix.get(w, unk) for w in heads], np.int64)
+    d_id = np.array([word_ix.get(w, unk) for w in deps], np.int64)
+    is_unk = (h_id == unk) | (d_id == unk) | (r_id == missing_rel)
+    keep = ~is_unk if skip_unknown else r_id >= 0
+    return r_id, h_id, d_id, keep, is_unk
+
+
 class FragmentStore:
     """Region cache + triple cache + vocabulary -> tensors (see the module docstring).
 
@@ -240,7 +258,7 @@ class FragmentStore:
         shards = list_shards(self.triple_folder)
         if not shards:
             raise CacheError(f"triple cache {self.triple_folder} holds no finished shards: run ParseSentences")
-        word_ix, rel_ix, unk, unk_rel = vocab_maps(self.vocab)
+        maps = vocab_maps(self.vocab)
         cap_ids, cap_img, lens, rel, w1, w2 = [], [], [], [], [], []
         dropped_caps, unknown_words, dropped_triples, failed = 0, 0, 0, 0
         for path in shards:
@@ -250,12 +268,8 @@ class FragmentStore:
                 r_s, h_s, d_s = (read_strings(f[c]) for c in ("rel", "head", "dep"))
                 failed += len(read_strings(f["failed_ids"])) if "failed_ids" in f else 0
             # map strings to ids once per shard (a dict lookup per triple; T is a few million at most)
-            r_id = np.array([rel_ix.get(r, -1 if unk_rel is None else unk_rel) for r in r_s], np.int64)
-            h_id = np.array([word_ix.get(w, unk) for w in h_s], np.int64)
-            d_id = np.array([word_ix.get(w, unk) for w in d_s], np.int64)
-            is_unk = (h_id == unk) | (d_id == unk) | (r_id == (-1 if unk_rel is None else unk_rel))
+            r_id, h_id, d_id, keep, is_unk = map_triples(maps, r_s, h_s, d_s, self.skip_unknown)
             unknown_words += int(is_unk.sum())
-            keep = ~is_unk if self.skip_unknown else r_id >= 0
             dropped_triples += int((~keep).sum())
             cap_of = np.repeat(np.arange(len(ids)), np.diff(offsets))  # (T_shard,) caption of each triple
             kept_caps = np.array([iid in known for iid in imgs], bool)  # captions whose image is in the cache
