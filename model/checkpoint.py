@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,13 +27,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or belongs to another vocabulary or cache."""
 
 
-def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` to a temporary file beside ``path`` and rename it: a kill never leaves half a checkpoint."""
+def save_checkpoint(path: str | Path, state: Mapping[str, Any], also: str | Path | None = None) -> Path:
+    """Write ``state`` to a temporary file beside ``path`` and rename it: a kill never leaves half a checkpoint.
+    ``also``: a second path that gets a copy of the same file (serialised once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(dict(state), tmp)
+        if also is not None:
+            copy = Path(also).with_name(f".{Path(also).name}.tmp-{os.getpid()}")
+            shutil.copyfile(tmp, copy)
+            os.replace(copy, also)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

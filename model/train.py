@@ -365,9 +365,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
                  "cache_keys": dict(store.cache_keys), "vocab_words": list(store.vocab.words),
                  "vocab_relations": list(store.vocab.relations), "sources": sources, "history": history,
                  "best": best}
-        save_checkpoint(last_path, state)
-        if improved:
-            save_checkpoint(out / BEST, state)
+        save_checkpoint(last_path, state, also=out / BEST if improved else None)
         with (out / "log.jsonl").open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in log_lines + [rec])
         records += log_lines + [rec]
