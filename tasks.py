@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -17,8 +18,17 @@ log = logging.getLogger("defrag.tasks")
 
 
 class defrag(luigi.Config):  # noqa: N801 - the section name in luigi.cfg
-    cache_dir = luigi.Parameter(default="cache")
-    run_dir = luigi.Parameter(default="runs")
+    cache_dir = luigi.Parameter(default="cache", description="folder of the stage-1 caches")
+    run_dir = luigi.Parameter(default="runs", description="folder of the training runs")
+
+
+def _same_as(param: luigi.Parameter, **changes) -> luigi.Parameter:
+    """Another task's parameter (type, default, description) passed through under a new name or significance."""
+    p = copy.copy(param)
+    p.__dict__.update(changes)
+    p._counter = luigi.Parameter._counter  # ordered where it is declared, like a new parameter
+    luigi.Parameter._counter += 1
+    return p
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,13 +71,14 @@ class _RegionParams(DatasetTask):
                                            "torchvision-mobilenet-v3-fpn | detectron2:<model-zoo config>")
     detector_weights = luigi.Parameter(default="pretrained", description="pretrained | PATH | random")
     seed = luigi.IntParameter(default=0, description="initialisation seed for --detector-weights random")
-    feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
+    feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16",
+                                          description="how region features are stored")
     max_image_side = luigi.IntParameter(default=2048, description="shrink larger images to this side first")
     min_size = luigi.IntParameter(default=0, description="detector input short side (0: the detector's own)")
     max_size = luigi.IntParameter(default=0, description="detector input long side cap (0: the detector's own)")
     amp = luigi.BoolParameter(default=False, description="float16 autocast on CUDA")
     shard_size = luigi.IntParameter(default=1000, description="images per shard file")
-    batch_size = luigi.IntParameter(default=4, significant=False)
+    batch_size = luigi.IntParameter(default=4, significant=False, description="images per detector call")
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
     on_error = luigi.ChoiceParameter(choices=["record", "fail"], default="record", significant=False,
                                      description="record unreadable images in the shard, or stop at the first")
@@ -267,60 +278,62 @@ class TrainEmbedding(DatasetTask):
     --parse-batch-size); --device applies to every stage. Complete when the run folder's summary.json exists.
     """
 
-    # upstream: regions
-    detector = luigi.Parameter(default="torchvision-r50-fpn-v2", description="see ExtractRegions")
-    detector_weights = luigi.Parameter(default="pretrained", description="pretrained | PATH | random")
-    detector_seed = luigi.IntParameter(default=0, description="ExtractRegions --seed (random detector weights)")
-    feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
-    max_image_side = luigi.IntParameter(default=2048)
-    min_size = luigi.IntParameter(default=0)
-    max_size = luigi.IntParameter(default=0)
-    amp = luigi.BoolParameter(default=False)
-    region_shard_size = luigi.IntParameter(default=1000, description="ExtractRegions --shard-size")
-    region_batch_size = luigi.IntParameter(default=4, significant=False, description="ExtractRegions --batch-size")
+    # upstream: regions (ExtractRegions' parameters under the same or a prefixed name)
+    detector = _same_as(_RegionParams.detector)
+    detector_weights = _same_as(_RegionParams.detector_weights)
+    detector_seed = _same_as(_RegionParams.seed, description="ExtractRegions --seed (random detector weights)")
+    feature_dtype = _same_as(_RegionParams.feature_dtype)
+    max_image_side = _same_as(_RegionParams.max_image_side)
+    min_size = _same_as(_RegionParams.min_size)
+    max_size = _same_as(_RegionParams.max_size)
+    amp = _same_as(_RegionParams.amp)
+    region_shard_size = _same_as(_RegionParams.shard_size, description="ExtractRegions --shard-size")
+    region_batch_size = _same_as(_RegionParams.batch_size, description="ExtractRegions --batch-size")
     # upstream: parsing and vocabulary
-    stanza_dir = luigi.Parameter(default="")
-    stanza_package = luigi.Parameter(default="default")
-    stanza_tagger = luigi.Parameter(default="")
-    stanza_parser = luigi.Parameter(default="")
-    skip_relations = luigi.Parameter(default="punct,root")
-    max_tokens = luigi.IntParameter(default=150)
-    parse_shard_size = luigi.IntParameter(default=5000, description="ParseSentences --shard-size")
-    parse_batch_size = luigi.IntParameter(default=512, significant=False, description="ParseSentences --batch-size")
-    min_count = luigi.IntParameter(default=5, description="BuildVocab: rarer words map to <unk>")
+    stanza_dir = _same_as(_ParseParams.stanza_dir)
+    stanza_package = _same_as(_ParseParams.stanza_package)
+    stanza_tagger = _same_as(_ParseParams.stanza_tagger)
+    stanza_parser = _same_as(_ParseParams.stanza_parser)
+    skip_relations = _same_as(_ParseParams.skip_relations)
+    max_tokens = _same_as(_ParseParams.max_tokens)
+    parse_shard_size = _same_as(_ParseParams.shard_size, description="ParseSentences --shard-size")
+    parse_batch_size = _same_as(_ParseParams.batch_size, description="ParseSentences --batch-size")
+    min_count = _same_as(BuildVocab.min_count, description="BuildVocab --min-count: rarer words map to <unk>")
     # training (model.train.TrainConfig; defaults there)
-    epochs = luigi.IntParameter(default=20)
+    epochs = luigi.IntParameter(default=20, description="passes over the training captions")
     batch_size = luigi.IntParameter(default=100, description="image-sentence pairs per batch (no image twice)")
-    optimizer = luigi.ChoiceParameter(choices=["sgd", "adam"], default="sgd")
-    lr = luigi.FloatParameter(default=1e-3)
-    momentum = luigi.FloatParameter(default=0.9)
+    optimizer = luigi.ChoiceParameter(choices=["sgd", "adam"], default="sgd",
+                                     description="sgd (with momentum) or adam")
+    lr = luigi.FloatParameter(default=1e-3, description="learning rate")
+    momentum = luigi.FloatParameter(default=0.9, description="SGD momentum")
     weight_decay = luigi.FloatParameter(default=1e-5, description="the paper's alpha: L2 on all parameters")
     grad_clip = luigi.FloatParameter(default=0.0, description="max gradient norm (0: off)")
     max_batches = luigi.IntParameter(default=0, description="batches per epoch at most (quick trials); 0: all")
-    seed = luigi.IntParameter(default=0)
+    seed = luigi.IntParameter(default=0, description="initialisation and batch-order seed")
     # h and d of the paper (named so that --h does not collide with luigi's --help)
     embedding_dim = luigi.IntParameter(default=1000, description="h: size of the common fragment space")
     word_dim = luigi.IntParameter(default=200, description="d: word vector size")
     shared_relation = luigi.BoolParameter(default=False, description="one W_R for all relations (original code)")
     word_vectors = luigi.Parameter(default="", description="word2vec/GloVe text file to start W_e from")
-    freeze_words = luigi.BoolParameter(default=False)
+    freeze_words = luigi.BoolParameter(default=False, description="keep the word vectors fixed")
     skip_unknown = luigi.BoolParameter(default=False, description="drop triples with out-of-vocabulary words")
-    use_fragment = luigi.BoolParameter(default=True, **_BOOL)
-    use_global = luigi.BoolParameter(default=True, **_BOOL)
-    use_mil = luigi.BoolParameter(default=True, **_BOOL)
-    fragment_margin = luigi.FloatParameter(default=1.0)
-    fragment_scale = luigi.FloatParameter(default=1.0)
-    global_margin = luigi.FloatParameter(default=40.0)
-    global_scale = luigi.FloatParameter(default=0.5)
-    smooth = luigi.FloatParameter(default=10.0)
-    threshold_global = luigi.BoolParameter(default=True, **_BOOL)
+    use_fragment = luigi.BoolParameter(default=True, description="the fragment alignment objective", **_BOOL)
+    use_global = luigi.BoolParameter(default=True, description="the global ranking objective", **_BOOL)
+    use_mil = luigi.BoolParameter(default=True, description="multiple-instance fragment targets", **_BOOL)
+    fragment_margin = luigi.FloatParameter(default=1.0, description="margin of the fragment objective")
+    fragment_scale = luigi.FloatParameter(default=1.0, description="weight of the fragment objective")
+    global_margin = luigi.FloatParameter(default=40.0, description="the paper's Delta: global margin")
+    global_scale = luigi.FloatParameter(default=0.5, description="the paper's beta: global weight")
+    smooth = luigi.FloatParameter(default=10.0, description="n in S_kl = sum / (|l| + n)")
+    threshold_global = luigi.BoolParameter(default=True, description="S_kl sums max(0, dot); false: the dot",
+                                          **_BOOL)
     # running
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
     memory_budget_gb = luigi.FloatParameter(default=8.0, description="larger feature caches stream from the shards")
     run_dir = luigi.Parameter(default="", description="runs folder (default: [defrag] run_dir)")
     run_name = luigi.Parameter(default="", description="run folder name (default: a hash of config and caches)")
     resume = luigi.BoolParameter(default=False, significant=False, description="continue from checkpoint-last.pt")
-    progress = luigi.BoolParameter(default=True, significant=False, **_BOOL)
+    progress = luigi.BoolParameter(default=True, significant=False, description="progress bars", **_BOOL)
 
     @property
     def resources(self):
@@ -397,7 +410,8 @@ class Evaluate(TrainEmbedding):
     and, for a split of several times --fold-size images, the mean over folds (COCO "1K").
     """
 
-    split = luigi.ChoiceParameter(choices=["train", "val", "test"], default="test")
+    split = luigi.ChoiceParameter(choices=["train", "val", "test"], default="test",
+                                 description="split to score")
     captions_per_image = luigi.IntParameter(default=5, description="first N captions of each image (0: all)")
     fold_size = luigi.IntParameter(default=1000, description="images per fold of the fold protocol (COCO 1K)")
 
@@ -446,3 +460,21 @@ class Report(Evaluate):
         build_report(self.open_run(), self.split, n_queries=self.report_queries, top=self.report_top,
                      seed=self.report_seed, captions_per_image=self.captions_per_image,
                      fold_size=self.fold_size)
+
+
+# ---------------------------------------------------------------------------------- --help
+
+def _show_defaults(classes) -> None:
+    """Append "(default: X)" to every parameter's --help text (luigi's help shows only the description)."""
+    for cls in classes:
+        for _, p in cls.get_params():
+            if p.__dict__.get("_default_shown"):  # parameter objects are shared by subclasses: once
+                continue
+            d = p._default
+            shown = "none" if d is luigi.parameter._no_value else (p.serialize(d) if d != "" else '""')
+            p.description = f"{p.description or ''} (default: {shown})".lstrip()
+            p._default_shown = True
+
+
+_show_defaults([defrag, ExtractRegionShard, ExtractRegions, ParseShard, ParseSentences, BuildVocab, TrainEmbedding,
+                Evaluate, Report])
