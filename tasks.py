@@ -68,7 +68,8 @@ class _RegionParams(DatasetTask):
 
     detector = luigi.Parameter(default="torchvision-r50-fpn-v2",
                                description="torchvision-r50-fpn-v2 | torchvision-r50-fpn | "
-                                           "torchvision-mobilenet-v3-fpn | detectron2:<model-zoo config>")
+                                           "torchvision-mobilenet-v3-fpn | detectron2:<model-zoo config> | "
+                                           "butd-tsv:PATH (file or glob) | precomp:FOLDER (read, not detect)")
     detector_weights = luigi.Parameter(default="pretrained", description="pretrained | PATH | random")
     seed = luigi.IntParameter(default=0, description="initialisation seed for --detector-weights random")
     feature_dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16",
@@ -125,6 +126,12 @@ class ExtractRegionShard(_ShardTask, _RegionParams):
     """One shard of images -> <cache_dir>/regions/<dataset>-<key>/shard-NNNNN.h5 (written atomically)."""
 
     unit = "images"
+
+    @property
+    def resources(self):
+        from pipeline.sources import is_source
+
+        return {} if is_source(self.detector) else device_resources(self.device)  # a source reads files only
 
     def shard_folder(self):
         return self.region_folder()

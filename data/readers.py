@@ -4,6 +4,8 @@
     <file>.json               Karpathy's split JSON                         (data/karpathy.py)
     <file>.jsonl              plain JSONL, one caption per line              (data/jsonl.py)
     <...>.token.txt, or a folder holding Flickr8k.token.txt: Flickr8k's own files (data/flickr8k.py)
+    a folder holding {split}_caps.txt (or its test_caps.txt / testall_caps.txt): a SCAN / VSE++ precomp
+                              folder (data/precomp.py; no image files)
 
 Without ``image_root`` the images are looked for beside the dataset file: the first of the format's usual image
 folders that exists there (for Flickr8k also beside the text folder, as the two original zips unpack), else the
@@ -17,6 +19,7 @@ from typing import Callable
 from .flickr8k import TOKEN_FILE, read_flickr8k
 from .jsonl import read_jsonl
 from .karpathy import read_karpathy_json
+from .precomp import is_precomp_folder, read_precomp
 from . import DEMO_DIR
 from .records import Dataset, DatasetError
 
@@ -28,10 +31,13 @@ FORMATS: dict[str, tuple[Reader, tuple[str, ...]]] = {
     "karpathy": (read_karpathy_json, ("images",)),
     "jsonl": (read_jsonl, ("images",)),
     "flickr8k": (read_flickr8k, ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")),
+    "precomp": (read_precomp, ()),
 }
 
 
 def dataset_format(path: Path) -> str:
+    if path.is_dir() or path.name.endswith("_caps.txt"):
+        return "precomp"
     if path.suffix == ".json":
         return "karpathy"
     if path.suffix == ".jsonl":
@@ -39,10 +45,12 @@ def dataset_format(path: Path) -> str:
     if path.name.endswith(".token.txt"):
         return "flickr8k"
     raise DatasetError(f"{path}: unknown dataset format — give a Karpathy split JSON (*.json), a JSONL "
-                       f"(*.jsonl) or Flickr8k's {TOKEN_FILE} (or its folder)")
+                       f"(*.jsonl), Flickr8k's {TOKEN_FILE} (or its folder) or a precomp folder")
 
 
 def default_image_root(path: Path, fmt: str) -> Path:
+    if fmt == "precomp":  # no image files: the folder itself
+        return path if path.is_dir() else path.parent
     folders = [path.parent, path.parent.parent] if fmt == "flickr8k" else [path.parent]
     for folder in folders:
         for name in FORMATS[fmt][1]:
@@ -55,6 +63,8 @@ def dataset_name(path: Path, fmt: str) -> str:
     """A short readable name for cache folders (their hash, not the name, keeps datasets apart)."""
     if fmt == "flickr8k":
         return "flickr8k"
+    if fmt == "precomp":
+        return path.name if path.is_dir() else path.parent.name
     return path.stem.removeprefix("dataset_")  # dataset_coco.json -> coco
 
 
@@ -63,9 +73,10 @@ def resolve(dataset: str | Path) -> tuple[Path, str]:
     if str(dataset) in REGISTERED:
         return REGISTERED[str(dataset)], str(dataset)
     path = Path(dataset).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_precomp_folder(path):
         if not (path / TOKEN_FILE).is_file():
-            raise DatasetError(f"{path}: a folder, but it holds no {TOKEN_FILE} — pass the dataset file itself")
+            raise DatasetError(f"{path}: a folder, but it holds no {TOKEN_FILE} and no precomp files "
+                               "({split}_caps.txt) — pass the dataset file itself")
         path = path / TOKEN_FILE
     elif not path.exists():
         raise DatasetError(f"unknown dataset {str(dataset)!r}: not a registered name ({', '.join(REGISTERED)}) "

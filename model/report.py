@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .evaluate import annotation_ranks, search_ranks
+from .evaluate import annotation_ranks, metrics_table, search_ranks
 from .explain import draw_alignment
 from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, evaluation_result, region_boxes,
                    split_scores, triple_labels)
@@ -74,14 +74,20 @@ class _Builder:
         self._boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def thumb(self, i: int) -> str:
+        """The thumbnail's relative path; "" when the dataset has no image file (features read from files)."""
         iid = self.image_ids[i]
+        src = self.run.dataset.image_path(iid)
+        if not src.is_file():
+            return ""
         rel = f"images/{_safe(iid)}.jpg"
-        _thumbnail(self.run.dataset.image_path(iid), self.folder / rel)
+        _thumbnail(src, self.folder / rel)
         return rel
 
-    def picture(self, i: int, j: int, tag: str) -> tuple[str, str]:
-        """The alignment picture of split image i and split caption j."""
+    def picture(self, i: int, j: int, tag: str) -> list[tuple[str, str]]:
+        """The alignment picture of split image i and split caption j ([] without an image file to draw on)."""
         iid, cid = self.image_ids[i], self.caption_ids[j]
+        if not self.run.dataset.image_path(iid).is_file():
+            return []
         if iid not in self._boxes:
             self._boxes.update(region_boxes(self.run.store, [iid]))
         boxes, mask = self._boxes[iid]
@@ -91,7 +97,7 @@ class _Builder:
         draw_alignment(self.run.dataset.image_path(iid), boxes, mask, dots,
                        triple_labels(self.run.store, rel_, w1, w2), self.folder / rel,
                        title=self.texts.get(cid, cid), per_region=self.per_region)
-        return rel, f"{iid} with “{self.texts.get(cid, cid)}”"
+        return [(rel, f"{iid} with “{self.texts.get(cid, cid)}”")]
 
 
 def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None = None, *, n_queries: int = 4,
@@ -121,10 +127,10 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
         ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=int(annotation_rank[i]))
         ex.hits = [Hit(r + 1, float(row[j]), b.caption_ids[j], text=b.texts.get(b.caption_ids[j], ""),
                        correct=bool(right[j])) for r, j in enumerate(order.tolist())]
-        ex.pictures.append(b.picture(i, int(order[0]), "top"))
+        ex.pictures.extend(b.picture(i, int(order[0]), "top"))
         if not right[order[0]]:
             own = np.flatnonzero(right)
-            ex.pictures.append(b.picture(i, int(own[np.argmax(row[own])]), "right"))
+            ex.pictures.extend(b.picture(i, int(own[np.argmax(row[own])]), "right"))
         annotation.append(ex)
 
     search = []
@@ -135,9 +141,9 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
         ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=int(search_rank[j]))
         ex.hits = [Hit(r + 1, float(col[i]), b.image_ids[i], image=b.thumb(i), correct=bool(right[i]))
                    for r, i in enumerate(order.tolist())]
-        ex.pictures.append(b.picture(int(order[0]), j, "top"))
+        ex.pictures.extend(b.picture(int(order[0]), j, "top"))
         if not right[order[0]]:
-            ex.pictures.append(b.picture(int(cap_img[j]), j, "right"))
+            ex.pictures.extend(b.picture(int(cap_img[j]), j, "right"))
         search.append(ex)
 
     curves = run.folder / "curves.png"
@@ -184,6 +190,10 @@ def _md_table_to_html(md: str) -> str:
     return "\n".join(out + ["</table>"])
 
 
+def _thumb_img(src: str, alt: str) -> str:
+    return f"<img class='thumb' src='{_e(src)}' alt='{_e(alt)}'>" if src else "<small>(no image file)</small>"
+
+
 def _pictures(ex: Example) -> str:
     return "<div class='pictures'>" + "".join(
         f"<figure><img src='{_e(p)}' alt='{_e(c)}'><figcaption>{_e(c)}</figcaption></figure>"
@@ -201,13 +211,18 @@ def render_html(run: Run, result: dict, annotation: list[Example], search: list[
              f"{result['checkpoint_epoch']}. Scores are the model's S<sub>kl</sub>; a right answer is shaded.</p>",
              "<h2>Retrieval</h2>", _md_table_to_html(md.split("\n\n")[1]),
              "<p>Recalls in %; ranks start at 1; ties are ranked pessimistically.</p>"]
+    paper = result.get("published")
+    if paper:  # the paper's figures, in their own labelled table under the run's
+        parts.append(f"<h3>Published figures (not measured here)</h3><p>DeFrag on {_e(paper['label'])}, "
+                     f"{_e(paper['protocol'])}, from {_e(paper['citation'])}.</p>")
+        parts.append(_md_table_to_html(metrics_table(paper["rows"])) if paper["rows"] else
+                     f"<p>The paper reports no {_e(paper['label'])} results.</p>")
     if curves:
         parts += ["<h2>Training</h2><div class='curves'><img src='curves.png' alt='training curves'></div>"]
     parts.append(f"<h2>Image annotation: top {top} captions for sample images</h2>")
     for ex in annotation:
         parts.append(f"<div class='query'><h3>{_e(ex.query_id)} <small>(best right caption at rank "
-                     f"{ex.right_rank})</small></h3><img class='thumb' src='{_e(ex.query_image)}' "
-                     f"alt='{_e(ex.query_id)}'>")
+                     f"{ex.right_rank})</small></h3>{_thumb_img(ex.query_image, ex.query_id)}")
         parts.append("<table class='hits'><tr><th>rank</th><th>score</th><th>caption</th></tr>" + "".join(
             f"<tr class='{'right' if h.correct else ''}'><td>{h.rank}</td><td>{h.score:.3f}</td>"
             f"<td>{_e(h.text)} <small>({_e(h.item_id)})</small></td></tr>" for h in ex.hits) + "</table>")
@@ -218,7 +233,7 @@ def render_html(run: Run, result: dict, annotation: list[Example], search: list[
                      f"rank {ex.right_rank})</small></h3>")
         parts.append("<table class='hits'><tr><th>rank</th><th>score</th><th>image</th><th>id</th></tr>" + "".join(
             f"<tr class='{'right' if h.correct else ''}'><td>{h.rank}</td><td>{h.score:.3f}</td>"
-            f"<td><img class='thumb' src='{_e(h.image)}' alt='{_e(h.item_id)}'></td><td>{_e(h.item_id)}</td></tr>"
+            f"<td>{_thumb_img(h.image, h.item_id)}</td><td>{_e(h.item_id)}</td></tr>"
             for h in ex.hits) + "</table>")
         parts.append(_pictures(ex) + "</div>")
     parts.append("</body></html>\n")

@@ -23,6 +23,7 @@ from pipeline.cache import CacheError, list_shards, read_region_shard, write_tex
 from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
+from .published import published
 from .store import FragmentStore, Split, encode, encode_captions, encode_images, map_triples, vocab_maps
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,22 @@ def evaluation_result(run: Run, split_name: str, scores: Tensor, captions_per_im
     out.update({"run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
                 "captions_per_image": captions_per_image, "dataset": run.dataset.describe(),
                 "score": {"smooth": run.smooth, "threshold": run.threshold}})
+    sizes = {s: len(run.dataset.split_images(s)) for s in ("train", "val", "test")}
+    paper = published(run.dataset.name, sizes)
+    if paper is not None:
+        out["published"] = paper  # the paper's figures, kept apart from this run's measured ones
     return out
+
+
+def published_markdown(result: dict[str, Any]) -> str:
+    """The paper's figures for the recognised dataset, as their own labelled table ("" when unknown)."""
+    paper = result.get("published")
+    if not paper:
+        return ""
+    if not paper["rows"]:
+        return f"\nThe DeFrag paper reports no {paper['label']} results ({paper['citation']}).\n"
+    return (f"\nPublished figures, not measured here: DeFrag on {paper['label']}, {paper['protocol']}, from "
+            f"{paper['citation']}.\n\n" + metrics_table(paper["rows"]))
 
 
 def evaluation_markdown(result: dict[str, Any]) -> str:
@@ -166,7 +182,7 @@ def evaluation_markdown(result: dict[str, Any]) -> str:
     return (f"# Retrieval on {result['dataset']['name']} / {result['split']}\n\n" + metrics_table(rows) +
             f"\nRecalls in %. Checkpoint of epoch {result['checkpoint_epoch']}; "
             f"{result['all']['n_captions']} captions ({result['captions_per_image'] or 'all'} per image); "
-            "ties ranked pessimistically.\n")
+            "ties ranked pessimistically.\n" + published_markdown(result))
 
 
 def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int = 5,

@@ -23,6 +23,8 @@ from . import cache
 from .cache import K_FRAGMENTS, WHOLE_IMAGE_ROW
 from .detectors import DEFAULT_DETECTOR, MAX_DETECTIONS, Detector, build_detector, describe_detector
 from .images import ImageLoadError, LoadedImage, load_image
+from .sources import describe_source, is_source, open_source
+from .sources.common import RowError, write_source_shard
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class RegionConfig:
 
     def producer(self) -> dict[str, Any]:
         """The producer record every shard carries; computed without building the detector."""
+        if is_source(self.detector):  # read, not detected: image sizes and detector inputs play no part
+            return {**describe_source(self.detector), "k": K_FRAGMENTS, "whole_image_row": WHOLE_IMAGE_ROW,
+                    "feature_dtype": self.feature_dtype}
         det = describe_detector(self.detector, self.detector_weights, self.seed, min_size=self.min_size,
                                 max_size=self.max_size, amp=self.amp)
         return {**det, "k": K_FRAGMENTS, "whole_image_row": WHOLE_IMAGE_ROW, "feature_dtype": self.feature_dtype,
@@ -241,8 +246,11 @@ def run_shard(dataset, out_path: str | Path, config: RegionConfig, *, shard_size
     for stale in out_path.parent.glob(f".{out_path.name}.tmp-*"):  # left by a killed earlier attempt
         log.info("removing %s, left by an interrupted run", stale)
         stale.unlink(missing_ok=True)
-    items = [(im.image_id, dataset.image_root / im.path) for im in dataset.images[start:stop]]
     producer = config.producer()
+    if is_source(config.detector):
+        return _read_shard(dataset, out_path, config, producer, shard_index, len(ranges), start, stop, on_error,
+                           progress)
+    items = [(im.image_id, dataset.image_root / im.path) for im in dataset.images[start:stop]]
     detector = detector_for(config, device)
     if any(producer.get(k) != v for k, v in detector.describe().items()):
         raise RuntimeError(f"detector {detector.describe()} differs from the cache key's {producer}: a defrag bug")
@@ -252,6 +260,26 @@ def run_shard(dataset, out_path: str | Path, config: RegionConfig, *, shard_size
                            progress=progress)
     log.info("wrote region shard %d/%d (%d images, %d failed): %s", shard_index + 1, len(ranges), report.images,
              len(report.failed), out_path)
+    return report
+
+
+def _read_shard(dataset, out_path: Path, config: RegionConfig, producer: dict[str, Any], shard_index: int,
+                num_shards: int, start: int, stop: int, on_error: str, progress) -> ShardReport:
+    """A shard from a feature source (``pipeline.sources``): rows are read, no image is opened."""
+    source = open_source(config.detector, index_folder=out_path.parent)
+    images = dataset.images[start:stop]
+    found = source.locate(images)
+    items = [(im.image_id, found.get(im.image_id)) for im in images]
+    try:
+        failed = write_source_shard(items, source.read, out_path, producer=producer,
+                                    dataset=region_dataset(dataset), shard_index=shard_index, num_shards=num_shards,
+                                    feature_dtype=config.feature_dtype, missing=source.missing,
+                                    stop_at_first=on_error == "fail", progress=progress)
+    except RowError as e:
+        raise RegionExtractionError(str(e)) from None
+    report = ShardReport(out_path, images=len(items) - len(failed), failed=failed)
+    log.info("wrote region shard %d/%d from %s (%d images, %d failed): %s", shard_index + 1, num_shards,
+             producer["backend"], report.images, len(failed), out_path)
     return report
 
 

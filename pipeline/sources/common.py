@@ -1,0 +1,173 @@
+"""What both sources share: a row's arrays, file identity, row-to-image matching, and writing one shard."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import cache
+from ..cache import K_FRAGMENTS
+
+log = logging.getLogger(__name__)
+
+SAMPLE_BLOCKS = 64
+SAMPLE_BYTES = 64 * 1024
+IDENTITY_RULE = f"sha256 of the size and {SAMPLE_BLOCKS} evenly spaced {SAMPLE_BYTES // 1024} KiB blocks"
+WHOLE_IMAGE_RULE = "mean of the image's region features"
+
+
+class RowError(ValueError):
+    """One row of a feature file cannot be used (bad base64, wrong size, truncated); the image is recorded."""
+
+
+@dataclass
+class SourceRow:
+    """One image's regions as a file gives them, in file order."""
+
+    height: int
+    width: int
+    boxes: np.ndarray  # (n, 4) float32 xyxy pixels (zeros when the source has none)
+    features: np.ndarray  # (n, D) float32
+    scores: np.ndarray | None = None  # (n,) confidence, when the file has it (LXMERT's objects_conf)
+    labels: np.ndarray | None = None  # (n,) class ids, when the file has them
+
+
+# ------------------------------------------------------------------------------------------ file identity
+
+@functools.lru_cache(maxsize=256)
+def _sampled(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)  # first block at 0, last one ends at the end
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(int(i * step))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def sampled_sha256(path: str | Path) -> str:
+    """A content identity of a (possibly tens-of-GB) file in milliseconds: sha256 over its size and 64 blocks of
+    64 KiB spread evenly over it (the whole file when smaller). Any change of size, start, end or a sampled block
+    changes it; a same-size edit strictly between sampled blocks would not (a full sha256 of the bottom-up COCO
+    TSV takes minutes, and every Luigi process computes the cache key when it schedules)."""
+    st = os.stat(path)
+    return _sampled(str(path), st.st_size, st.st_mtime_ns)
+
+
+def files_identity(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Name (not location: identity is content), size and sampled hash of each file, in reading order."""
+    return [{"name": p.name, "bytes": p.stat().st_size, "sampled_sha256": sampled_sha256(p)} for p in paths]
+
+
+# ------------------------------------------------------------------------------------------ matching
+
+_TRAILING_NUMBER = re.compile(r"(?:^|[_\-])0*(\d+)$")
+
+
+def _number(text: str) -> str | None:
+    m = _TRAILING_NUMBER.search(text)
+    return m.group(1) or "0" if m else None
+
+
+def row_key(raw: str) -> str:
+    """A file's image id as a lookup key: numbers without leading zeros ("000391895" -> "391895")."""
+    raw = raw.strip()
+    return str(int(raw)) if raw.isdigit() else raw
+
+
+def match_images(image_records: Iterable[Any], rows: Mapping[str, Any]) -> dict[str, Any]:
+    """image id -> the location of its row, for dataset images whose id, path, file name without extension, or
+    that name's trailing number equals a row key (``COCO_val2014_000000391895.jpg`` -> 391895;
+    ``1000092795.jpg`` -> 1000092795). Earlier forms win; a form shared by two images is not used for either."""
+    images = list(image_records)
+    forms: list[Callable[[Any], str | None]] = [
+        lambda im: im.image_id, lambda im: im.path, lambda im: Path(im.path).stem,
+        lambda im: _number(Path(im.path).stem)]
+    out: dict[str, Any] = {}
+    for form in forms:
+        keys: dict[str, list[str]] = {}
+        for im in images:
+            if im.image_id in out:
+                continue
+            k = form(im)
+            if k is not None:
+                keys.setdefault(row_key(k), []).append(im.image_id)
+        for k, ids in keys.items():
+            if len(ids) == 1 and k in rows:
+                out[ids[0]] = rows[k]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ one shard
+
+def write_source_shard(items: Sequence[tuple[str, Any]], read: Callable[[Any], SourceRow], out_path: str | Path,
+                       *, producer: Mapping[str, Any], dataset: Mapping[str, Any], shard_index: int,
+                       num_shards: int, feature_dtype: str, missing: Callable[[str], str],
+                       stop_at_first: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    """Lay out each (image id, location) in the 20-row layout and write the shard; returns the failures.
+
+    ``location`` None: the source has no row for the image (``missing(image_id)`` says why). A row that cannot be
+    read (``RowError``) or has no region is recorded with its reason; the other images are written.
+    ``stop_at_first``: raise RowError at the first such image instead (nothing is written)."""
+    from ..regions import layout_fragments  # late: regions imports this package
+
+    d = int(producer["feature_dim"])
+    rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
+                                             "features")}
+    failed: dict[str, str] = {}
+    bar = tqdm(items, desc=f"regions {Path(out_path).name}", unit="img", leave=False)
+    for done, (image_id, where) in enumerate(bar, 1):
+        try:
+            if where is None:
+                raise RowError(missing(image_id))
+            row = read(where)
+            n = len(row.features)
+            if n == 0:
+                raise RowError(f"{where}: the row has no regions")
+            if row.features.shape[1] != d:
+                raise RowError(f"{where}: {row.features.shape[1]}-d features, the source's are {d}-d")
+            order_scores = row.scores if row.scores is not None else np.zeros(n, np.float32)  # stable: file order
+            labels = row.labels if row.labels is not None else np.full(n, -1)
+            frag = layout_fragments(row.height, row.width, row.boxes, order_scores, labels, row.features,
+                                    row.features.mean(0))
+            feats = frag["features"].astype(feature_dtype)
+            if not np.isfinite(feats).all():
+                raise RowError(f"{where}: features are not finite in {feature_dtype} (largest "
+                               f"{np.abs(frag['features']).max():.3g}); use --feature-dtype float32")
+        except RowError as e:
+            if stop_at_first:
+                raise RowError(f"image {image_id!r}: {e}") from None
+            log.warning("image %r: %s", image_id, e)
+            failed[image_id] = str(e)
+            continue
+        rows["image_ids"].append(image_id)
+        rows["image_hw"].append((row.height, row.width))
+        for k in ("boxes", "scores", "labels", "mask"):
+            rows[k].append(frag[k])
+        rows["features"].append(feats)
+        if progress and done % 200 == 0:
+            progress(done, len(items))
+    if progress:
+        progress(len(items), len(items))
+    n = len(rows["image_ids"])
+    cache.write_region_shard(
+        out_path, image_ids=rows["image_ids"], image_hw=np.asarray(rows["image_hw"], np.int32).reshape(n, 2),
+        boxes=np.asarray(rows["boxes"], np.float32).reshape(n, K_FRAGMENTS, 4),
+        scores=np.asarray(rows["scores"], np.float32).reshape(n, K_FRAGMENTS),
+        labels=np.asarray(rows["labels"], np.int32).reshape(n, K_FRAGMENTS),
+        mask=np.asarray(rows["mask"], bool).reshape(n, K_FRAGMENTS),
+        features=np.stack(rows["features"]) if n else np.zeros((0, K_FRAGMENTS, d), feature_dtype),
+        failed_ids=list(failed), failed_reasons=list(failed.values()), producer=producer, dataset=dataset,
+        shard_index=shard_index, num_shards=num_shards)
+    return failed
