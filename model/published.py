@@ -43,7 +43,8 @@ def published(name: str, split_sizes: Mapping[str, int]) -> dict[str, Any] | Non
         return None
     rows = {}
     for row, v in _ROWS[key].items():
-        rows[row] = {d: {"r1": v[o] / 100, "r5": v[o + 1] / 100, "r10": v[o + 2] / 100, "medr": v[o + 3]}
+        rows[row] = {d: {"r1": round(v[o] / 100, 4), "r5": round(v[o + 1] / 100, 4),
+                         "r10": round(v[o + 2] / 100, 4), "medr": v[o + 3]}
                      for d, o in (("annotation", 0), ("search", 4))}
     return {"dataset": key, "label": LABELS[key], "citation": CITATION, "rows": rows,
             "protocol": "the test split's 1,000 images x 5 sentences"}
