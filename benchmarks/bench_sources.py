@@ -7,7 +7,7 @@ ratios measured side by side in one run; not a test).
 Writes a TSV in generate_tsv.py's 6-field form (two parts, half the rows LXMERT's 10-field form) into a temporary
 folder, then in a fresh child process runs every region shard of a JSONL dataset naming those images through
 ``--detector butd-tsv:<glob>`` (index pass + shards of ``--shard-size`` images) and reports the child's peak RSS
-against the file size and against the same child's RSS after imports. Also times the sampled file identity of
+against the file size and against the same child's RSS after imports, and the cache's bytes per image. Also times the sampled file identity of
 the cache key against a full sha256 of the same files.
 """
 from __future__ import annotations
@@ -95,6 +95,10 @@ def main() -> None:
         print(f"shards: {r['images']} images ({r['failed']} failed) in {r['seconds']:.1f} s "
               f"({r['images'] / r['seconds']:.0f} img/s, {size / 2**20 / r['seconds']:.0f} MiB/s of TSV incl. the "
               f"index pass)")
+        shard_bytes = sum(p.stat().st_size for p in (tmp / "cache").rglob("shard-*.h5"))
+        index_bytes = sum(p.stat().st_size for p in (tmp / "cache").rglob("source-index.json"))
+        print(f"region cache: {shard_bytes / r['images']:,.0f} B per image (float16, D {args.dim}); index "
+              f"{index_bytes / args.rows:.0f} B per row")
         print(f"peak RSS {peak:.0f} MiB (after imports {base:.0f} MiB): growth {peak - base:.0f} MiB = "
               f"{(peak - base) / (size / 2**20):.3f} x the TSV size; one shard of {args.shard_size} images in "
               f"float16 is {args.shard_size * 20 * args.dim * 2 / 2**20:.0f} MiB")
