@@ -117,6 +117,13 @@ class _ShardTask:
 
         return luigi.LocalTarget(str(self.shard_folder() / shard_name(self.shard_index)))
 
+    def complete(self):
+        """Done only when the shard is whole (opens, size as recorded, completion attribute): a truncated or
+        unfinished shard is recomputed."""
+        from pipeline.cache import shard_complete
+
+        return shard_complete(self.output().path)
+
     def report_progress(self, done: int, total: int) -> None:
         self.set_progress_percentage(round(100 * done / max(total, 1)))
         self.set_status_message(f"{done}/{total} {self.unit}")

@@ -39,6 +39,21 @@ def text_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line.rstrip("\r")) for n, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
 
 
+def storable(raw: str, where: str, what: str) -> str:
+    """An id or path must be a string HDF5 caches and file systems take: no NUL, no lone surrogates (which JSON
+    escapes such as "\\ud800" can produce). Refused here, where the file and line are known."""
+    bad = "a NUL character" if "\0" in raw else ""
+    if not bad:
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = f"a lone surrogate {raw[e.start]!r} (an invalid \\u escape)"
+    if bad:
+        raise DatasetError(f"{where}: {what} {raw!r:.80} contains {bad} — ids and paths must be valid text; fix "
+                           "the record")
+    return raw
+
+
 def image_path(raw: object, where: str) -> str:
     """A normalised POSIX path relative to the image root; absolute paths and `..` escapes are refused.
 
@@ -49,8 +64,9 @@ def image_path(raw: object, where: str) -> str:
         raise DatasetError(f"{where}: image path {raw!r} is not a non-empty string — give the image file's path "
                            "relative to the image root")
     fix = "give the path relative to the image root (pass --image-root for the folder it is under)"
-    if "\\" in raw or "\0" in raw:
-        raise DatasetError(f"{where}: image path {raw!r} contains a backslash or NUL — use '/' separators; {fix}")
+    storable(raw, where, "image path")
+    if "\\" in raw:
+        raise DatasetError(f"{where}: image path {raw!r} contains a backslash — use '/' separators; {fix}")
     if raw.startswith("/") or _DRIVE.match(raw):
         raise DatasetError(f"{where}: image path {raw!r} is absolute — {fix}")
     norm = posixpath.normpath(raw)
@@ -84,6 +100,8 @@ class DatasetBuilder:
         self.captions: dict[str, tuple[CaptionRecord, str]] = {}  # caption id -> (record, where)
 
     def add_image(self, image_id: str, path: str, split: str, where: str) -> None:
+        storable(image_id, where, "image id")
+        storable(path, where, "image path")
         new = ImageRecord(image_id, path, split)
         old = self.images.get(image_id)
         if old is None:
@@ -95,9 +113,12 @@ class DatasetBuilder:
 
     def add_caption(self, caption_id: str, image_id: str, text: object, tokens: tuple[str, ...] | None,
                     where: str) -> None:
-        if not isinstance(text, str) or not text.strip():
-            raise DatasetError(f"{where}: caption text {text!r:.60} is not a non-empty string — give the "
-                               "sentence, or remove the record")
+        # Empty and whitespace-only captions are kept: they are stored with no triples and counted. Any text
+        # is stored exactly (NUL and lone surrogates included), so only ids are checked for storability.
+        if not isinstance(text, str):
+            raise DatasetError(f"{where}: caption text {text!r:.60} is not a string — give the sentence, or "
+                               "remove the record")
+        storable(caption_id, where, "caption id")
         if caption_id in self.captions:
             raise DatasetError(f"{where}: caption id {caption_id!r} was already used at "
                                f"{self.captions[caption_id][1]} — caption ids must be unique")

@@ -45,8 +45,6 @@ def read_token_file(path: Path) -> dict[str, list[CaptionRecord]]:
         if not tab or not hash_ or not image or not n.isdigit():
             raise DatasetError(f"{where}: expected '<image>#<n><TAB><caption>', got {line!r:.80} — is this "
                                f"{TOKEN_FILE}?")
-        if not text.strip():
-            raise DatasetError(f"{where}: caption {key!r} has no text — remove the line or give the caption")
         key = key.strip()
         if key in seen:
             raise DatasetError(f"{where}: caption id {key!r} was already used at line {seen[key]} — caption ids "

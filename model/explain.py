@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from pipeline.cache import WHOLE_IMAGE_ROW
+from pipeline.images import read_picture
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     has no box: its triples are listed under the picture.
     """
     out_path = Path(out_path)
-    img = image if isinstance(image, Image.Image) else Image.open(image)
+    img = image if isinstance(image, Image.Image) else read_picture(image, Path(image).parent)
     img = img.convert("RGB")
     aligned = region_alignments(boxes, mask, dots, labels, per_region)  # weakest region first
     whole = [a for a in aligned if a.row == WHOLE_IMAGE_ROW]

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from pipeline.images import ImageLoadError
 
 from .evaluate import annotation_ranks, metrics_table, search_ranks
 from .explain import draw_alignment
-from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, evaluation_result, region_boxes,
-                   split_scores, triple_labels)
+from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, evaluation_result, file_stem,
+                   region_boxes, run_picture, split_scores, triple_labels)
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,6 @@ class Example:
     pictures: list[tuple[str, str]] = field(default_factory=list)  # (relative PNG path, caption)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "item"
-
-
-def _thumbnail(src: Path, dest: Path) -> None:
-    if dest.exists():
-        return
-    with Image.open(src) as im:
-        im = im.convert("RGB")
-        im.thumbnail((THUMB_PX, THUMB_PX))
-        im.save(dest, "JPEG", quality=85)
-
-
 class _Builder:
     def __init__(self, run: Run, split_name: str, folder: Path, per_region: int):
         self.run, self.folder, self.per_region = run, folder, per_region
@@ -73,28 +60,40 @@ class _Builder:
         (folder / "align").mkdir(exist_ok=True)
         self._boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
+    def image(self, iid: str):
+        """The dataset image (read inside the image root only), or None when there is none to show: no file
+        (features read from files) or one refused (a link out of the root, damaged); refusals are logged."""
+        try:
+            return run_picture(self.run, iid)
+        except ImageLoadError as e:
+            (log.debug if e.reason == "file not found" else log.warning)("report: image %r not shown: %s", iid, e)
+            return None
+
     def thumb(self, i: int) -> str:
-        """The thumbnail's relative path; "" when the dataset has no image file (features read from files)."""
+        """The thumbnail's relative path (named by a hash of the id: never another image's); "" without one."""
         iid = self.image_ids[i]
-        src = self.run.dataset.image_path(iid)
-        if not src.is_file():
-            return ""
-        rel = f"images/{_safe(iid)}.jpg"
-        _thumbnail(src, self.folder / rel)
+        rel = f"images/{file_stem(iid)}.jpg"
+        if not (self.folder / rel).exists():
+            im = self.image(iid)
+            if im is None:
+                return ""
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            im.save(self.folder / rel, "JPEG", quality=85)
         return rel
 
     def picture(self, i: int, j: int, tag: str) -> list[tuple[str, str]]:
-        """The alignment picture of split image i and split caption j ([] without an image file to draw on)."""
+        """The alignment picture of split image i and split caption j ([] without an image to draw on)."""
         iid, cid = self.image_ids[i], self.caption_ids[j]
-        if not self.run.dataset.image_path(iid).is_file():
+        picture = self.image(iid)
+        if picture is None:
             return []
         if iid not in self._boxes:
             self._boxes.update(region_boxes(self.run.store, [iid]))
         boxes, mask = self._boxes[iid]
         rel_, w1, w2 = caption_triples(self.split, j)
         dots, _ = alignment_dots(self.run, self.split, i, rel_, w1, w2)
-        rel = f"align/{tag}-{_safe(iid)}-{_safe(cid)}.png"
-        draw_alignment(self.run.dataset.image_path(iid), boxes, mask, dots,
+        rel = f"align/{tag}-{file_stem(iid, cid)}.png"
+        draw_alignment(picture, boxes, mask, dots,
                        triple_labels(self.run.store, rel_, w1, w2), self.folder / rel,
                        title=self.texts.get(cid, cid), per_region=self.per_region)
         return [(rel, f"{iid} with “{self.texts.get(cid, cid)}”")]

@@ -23,11 +23,12 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.cache import CacheError, list_shards, open_shard, shard_info
+from pipeline.images import ImageLoadError
 
 from .checkpoint import CheckpointError
 from .explain import draw_alignment
 from .runs import (Run, RunError, alignment_dots, caption_triples, open_run, query_triples, rank_captions,
-                   rank_images, region_boxes, triple_labels)
+                   rank_images, region_boxes, run_picture, triple_labels)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def explain_pair(run: Run, split_name: str, image_id: str, out: str | Path, *, t
     boxes, mask = region_boxes(run.store, [image_id])[image_id]
     dots, _ = alignment_dots(run, split, i, rel, w1, w2)
     labels = triple_labels(run.store, rel, w1, w2)
-    draw_alignment(run.dataset.image_path(image_id), boxes, mask, dots, labels, out, title=text)
+    draw_alignment(run_picture(run, image_id), boxes, mask, dots, labels, out, title=text)
     score = float(rank_images(run, split.subset([i]), rel, w1, w2)[0])
     return {"image": image_id, "text": text, "score": score, "picture": str(out), "triples": labels}
 
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.explain and result["results"]:
                 result["picture"] = explain_pair(run, args.split, args.image, args.explain,
                                                  caption_id=result["results"][0]["id"])["picture"]
-    except (QueryError, RunError, CacheError, CheckpointError, FileNotFoundError) as e:
+    except (QueryError, RunError, CacheError, CheckpointError, FileNotFoundError, ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the parser's missing-models error, named without importing the parser here

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import CacheError, list_shards, read_region_shard, write_text_atomic
+from pipeline.images import read_picture
 
 from .checkpoint import CheckpointError, checkpoint_path, load_model
 from .defrag import DeFrag
@@ -272,3 +273,20 @@ def region_boxes(store: FragmentStore, image_ids: Sequence[str]) -> dict[str, tu
     if missing:
         raise CacheError(f"region cache {store.region_folder} has no boxes for {sorted(missing)[:3]}")
     return out
+
+
+def run_picture(run: Run, image_id: str, max_side: int = 0):
+    """The dataset image of ``image_id`` as a viewer shows it, read only from inside the image root
+    (``pipeline.images.read_picture``); raises ImageLoadError with the reason."""
+    return read_picture(run.dataset.image_path(image_id), run.dataset.image_root, max_side)
+
+
+def file_stem(*ids: str) -> str:
+    """A file name stem for one or more ids that never collides: a readable prefix of each id plus a short
+    hash of all of them (``a/b.jpg`` and ``a_b.jpg``, or two ids sharing a long prefix, differ)."""
+    import hashlib
+    import re
+
+    digest = hashlib.sha256("\0".join(ids).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    readable = "-".join(re.sub(r"[^A-Za-z0-9._-]+", "_", i)[:40].strip("._") or "x" for i in ids)
+    return f"{readable}-{digest}"

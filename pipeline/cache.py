@@ -22,16 +22,33 @@ Triple shard (``kind = "triples"``), M captions, T triples in all:
 
 Both kinds may carry ``failed_ids`` / ``failed_reasons`` (str): records that could not be processed.
 
+Strings (every ``str`` column above) are stored as their UTF-8 bytes, one flat uint8 dataset ``<name>`` plus
+``<name>_offsets`` (n+1,) int64, so any text is stored exactly (NUL, lone surrogates via ``surrogatepass``) and
+checksummed like the rest; ``read_strings`` gives them back as Python strings.
+
+Damage is detected: every chunked dataset carries the fletcher32 checksum filter (a flipped byte fails the read,
+which ``open_shard`` turns into a CacheError naming the shard and the fix), the object headers carry HDF5's own
+metadata checksums (file format v110+), and the superblock records the end-of-file address, so a truncated file
+does not open. The attribute ``complete`` is written last; ``shard_complete`` is what the tasks' ``complete()``
+ask, so a truncated or unfinished shard is recomputed by the next run. ``python -m pipeline.verify`` reads every
+chunk of a whole cache.
+
 Every shard has attributes: schema_version, kind, producer (JSON), dataset (JSON), created, libraries (JSON),
-shard_index, num_shards. Shards are written to a temporary name in the same folder and renamed when complete.
+shard_index, num_shards, complete. A shard is built in memory and written to a temporary name in the same folder
+(after checking the free space it needs), then renamed: the HDF5 library never writes to the disk itself, so a
+full or read-only disk is a plain OSError that becomes one CacheError line (folder, space needed, fix), and no
+half-open HDF5 file is left for the interpreter's exit.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +59,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: strings as UTF-8 bytes + offsets, fletcher32 checksums, the `complete` attribute
 K_FRAGMENTS = 20  # the paper: top 19 detections + the whole image
 WHOLE_IMAGE_ROW = 0
-STR = h5py.string_dtype(encoding="utf-8")
 
 _STRING_FIELDS = {"image_ids", "caption_ids", "texts", "rel", "head", "dep", "head_lemma", "dep_lemma",
                   "failed_ids", "failed_reasons"}
@@ -75,18 +91,71 @@ def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a small text file (JSON, Markdown) through a temporary name in the same folder and a rename."""
+SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a file needs (file system metadata)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def storage_error(folder: Path, name: str, e: OSError, needed: int = 0) -> CacheError:
+    """One line naming the folder, what was being written, the space it needs and the fix."""
+    what = f"{folder}: cannot write {name}" + (f" ({_mb(needed)})" if needed else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(folder)
+        return CacheError(f"{what}: no space left on the device ({_mb(free)} free) — free at least "
+                          f"{_mb(max(needed + SPACE_MARGIN - free, 0) or needed)} there, or pass another folder "
+                          "(--cache-dir / --run-dir) on a disk with room")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CacheError(f"{what}: the folder is read-only ({e.strerror}) — make it writable, or pass a writable "
+                          "folder (--cache-dir / --run-dir)")
+    return CacheError(f"{what}: {e.strerror or e} — check the disk and rerun")
+
+
+def _free_bytes(folder: Path) -> int:
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free
+    return 0
+
+
+def make_folder(folder: str | Path) -> Path:
+    """``mkdir -p`` whose failure (read-only, full disk) is one CacheError line with the fix."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(folder, "a folder", e) from None
+    return folder
+
+
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write a file through a temporary name in the same folder, fsync and a rename; refuse up front when the
+    disk lacks the space, and never leave the temporary file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(path.parent)
+    needed = len(data)
+    free = _free_bytes(folder)
+    if free and free < needed + SPACE_MARGIN:
+        raise storage_error(folder, path.name, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old state or the whole new file
+    except OSError as e:
+        raise storage_error(folder, path.name, e, needed) from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON, Markdown) through a temporary name in the same folder and a rename.
+    A lone surrogate is written as its escape \\udXXXX: valid UTF-8, and in JSON the very same string."""
+    return write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -141,36 +210,74 @@ def _chunks(arr: np.ndarray) -> tuple[int, ...] | None:
     return (rows,) + tuple(arr.shape[1:])
 
 
+def encode_strings(values: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Strings -> (flat UTF-8 bytes (B,) uint8, offsets (n+1,) int64, how many held NUL or lone surrogates).
+
+    Lone surrogates (from JSON escapes such as "\\ud800") are kept exactly with ``surrogatepass``; NUL is a byte
+    like any other. Nothing is dropped or replaced: ``decode_strings`` gives back the same strings."""
+    encoded, odd = [], 0
+    for v in values:
+        s = v if isinstance(v, str) else str(v)
+        try:
+            b = s.encode("utf-8")
+        except UnicodeEncodeError:
+            b = s.encode("utf-8", "surrogatepass")
+            odd += 1
+        else:
+            odd += b"\0" in b
+        encoded.append(b)
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in encoded])
+    return np.frombuffer(b"".join(encoded), np.uint8), offsets, odd
+
+
+def decode_strings(flat: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = np.asarray(flat, np.uint8).tobytes()
+    o = np.asarray(offsets, np.int64).tolist()
+    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(o[:-1], o[1:])]
+
+
+def _dataset(f: h5py.File, name: str, data: np.ndarray) -> None:
+    chunks = _chunks(data)  # fletcher32 needs chunks: every non-empty dataset is checksummed
+    f.create_dataset(name, data=data, chunks=chunks, fletcher32=chunks is not None)
+
+
+def shard_bytes(kind: str, arrays: Mapping[str, Any], *, producer: Mapping[str, Any], dataset: Mapping[str, Any],
+                shard_index: int, num_shards: int, path: str | Path = "") -> bytes:
+    """One whole shard file, built in memory (the ``complete`` attribute last)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver=("v110", "latest")) as f:  # v110+: checksummed object headers
+        for name, value in arrays.items():
+            if name in _STRING_FIELDS:
+                flat, offsets, odd = encode_strings(value)
+                if odd:
+                    log.warning("shard %s: %d %s value(s) hold NUL or lone surrogates; stored exactly as given",
+                                path, odd, name)
+                _dataset(f, name, flat)
+                _dataset(f, f"{name}_offsets", offsets)
+            else:
+                _dataset(f, name, np.asarray(value))
+        f.attrs.update({
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "producer": canonical_json(producer),
+            "dataset": canonical_json(dataset),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "libraries": canonical_json(library_versions()),
+            "shard_index": shard_index,
+            "num_shards": num_shards,
+        })
+        f.attrs["complete"] = 1
+    return buf.getvalue()
+
+
 def write_shard(path: str | Path, kind: str, arrays: Mapping[str, Any], *, producer: Mapping[str, Any],
                 dataset: Mapping[str, Any], shard_index: int, num_shards: int) -> Path:
-    """Write one shard atomically: a temporary file in the same folder, renamed over ``path`` when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, value in arrays.items():
-                if name in _STRING_FIELDS:
-                    data = np.asarray(list(value), dtype=object)
-                    f.create_dataset(name, data=data, dtype=STR, chunks=_chunks(data) if data.size else None)
-                else:
-                    data = np.asarray(value)
-                    f.create_dataset(name, data=data, chunks=_chunks(data))
-            f.attrs.update({
-                "schema_version": SCHEMA_VERSION,
-                "kind": kind,
-                "producer": canonical_json(producer),
-                "dataset": canonical_json(dataset),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "libraries": canonical_json(library_versions()),
-                "shard_index": shard_index,
-                "num_shards": num_shards,
-            })
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old state or the whole new file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write one shard atomically: built in memory, written to a temporary file in the same folder (after
+    checking the free space), renamed over ``path``. A full or read-only disk raises one CacheError line."""
+    data = shard_bytes(kind, arrays, producer=producer, dataset=dataset, shard_index=shard_index,
+                       num_shards=num_shards, path=path)
+    return write_bytes_atomic(path, data)
 
 
 def write_region_shard(path: str | Path, *, image_ids, image_hw, boxes, scores, labels, mask, features,
@@ -255,12 +362,19 @@ def check_shard(info: ShardInfo, kind: str, producer: Mapping[str, Any] | None =
                          f"{canonical_json(dataset)}")
 
 
+def damaged(path: str | Path, e: BaseException) -> CacheError:
+    return CacheError(f"cache shard {path} cannot be read: damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                      "delete it and rerun the stage-1 task that writes it (a rerun recomputes only missing shards; "
+                      "`python -m pipeline.verify CACHE_FOLDER` lists every damaged one)")
+
+
 @contextlib.contextmanager
 def open_shard(path: str | Path, kind: str, producer: Mapping[str, Any] | None = None,
                dataset: Mapping[str, Any] | None = None) -> Iterator[h5py.File]:
     """Open a finished shard read-only after checking kind, schema and (when given) producer and dataset.
 
-    Datasets are read lazily: ``f["features"][i]`` reads one image's block, not the file.
+    Datasets are read lazily: ``f["features"][i]`` reads one image's block, not the file. A read that fails in
+    the body (a checksum mismatch, a damaged chunk) becomes a CacheError naming the shard and the fix.
     """
     path = Path(path)
     if not path.exists():
@@ -268,18 +382,44 @@ def open_shard(path: str | Path, kind: str, producer: Mapping[str, Any] | None =
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CacheError(f"cache shard {path} cannot be read ({e}): delete it and rerun stage 1") from None
+        raise damaged(path, e) from None
     try:
-        check_shard(shard_info(f), kind, producer, dataset)
+        info = shard_info(f)
+        if int(f.attrs.get("complete", 0)) != 1:
+            raise CacheError(f"cache shard {path} is incomplete (no completion record): delete it and rerun the "
+                             "stage-1 task that writes it")
+        check_shard(info, kind, producer, dataset)
         yield f
+    except OSError as e:
+        raise damaged(path, e) from None
     finally:
         f.close()
 
 
 def read_strings(dset: h5py.Dataset, sel: Any = slice(None)) -> list[str]:
-    if dset.shape == (0,) or dset.shape is None:
-        return []
-    return list(dset.asstr()[sel])
+    """A string column of a shard (its bytes and ``<name>_offsets``), decoded; ``sel`` picks rows."""
+    offsets = dset.file[f"{dset.name}_offsets"][()]
+    flat = dset[()] if len(dset.shape) and dset.shape[0] else np.zeros(0, np.uint8)
+    out = decode_strings(flat, offsets)
+    return out if sel == slice(None) else list(np.asarray(out, dtype=object)[sel])
+
+
+def shard_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a whole, finished shard: it opens (HDF5 compares the file's size with the end of file
+    recorded at write, so a truncated file fails here) and carries the ``complete`` attribute written last.
+    Checksums are not read here (that is ``pipeline.verify``): this is what a task's ``complete()`` asks."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            ok = int(f.attrs.get("complete", 0)) == 1 and int(f.attrs.get("schema_version", 0)) == SCHEMA_VERSION
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("cache shard %s is damaged (%s): it will be recomputed", path, str(e).splitlines()[0])
+        return False
+    if not ok:
+        log.warning("cache shard %s is incomplete or of an older schema: it will be recomputed", path)
+    return ok
 
 
 @dataclass

@@ -396,6 +396,10 @@ def parse_shard(dataset: Any, start: int, stop: int, path: str | Path, s: ParseS
                             desc=f"parse {Path(path).name}")
     for i, reason in parsed.failed.items():
         log.warning("caption %s of %s: %s; stored with no triples", caps[i].caption_id, dataset.source, reason)
+    no_words = sum(1 for c in caps if not _WORD.search(c.text))
+    if no_words:
+        log.info("%s: %d caption(s) without a word (empty, whitespace, punctuation or emoji only) stored with no "
+                 "triples", Path(path).name, no_words)
     return write_triple_shard(
         path, caption_ids=[c.caption_id for c in caps], image_ids=[c.image_id for c in caps],
         texts=[c.text for c in caps], triples=parsed.triples, num_tokens=parsed.num_tokens,

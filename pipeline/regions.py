@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import cache
 from .cache import K_FRAGMENTS, WHOLE_IMAGE_ROW
 from .detectors import DEFAULT_DETECTOR, MAX_DETECTIONS, Detector, build_detector, describe_detector
-from .images import ImageLoadError, LoadedImage, load_image
+from .images import MAX_ASPECT, ImageLoadError, LoadedImage, load_image
 from .sources import describe_source, is_source, open_source
 from .sources.common import RowError, write_source_shard
 
@@ -65,7 +65,7 @@ class RegionConfig:
         det = describe_detector(self.detector, self.detector_weights, self.seed, min_size=self.min_size,
                                 max_size=self.max_size, amp=self.amp)
         return {**det, "k": K_FRAGMENTS, "whole_image_row": WHOLE_IMAGE_ROW, "feature_dtype": self.feature_dtype,
-                "max_image_side": self.max_image_side}
+                "max_image_side": self.max_image_side, "max_aspect": MAX_ASPECT}
 
     def build(self, device: str) -> Detector:
         return build_detector(self.detector, self.detector_weights, device, self.seed, min_size=self.min_size,
@@ -121,14 +121,16 @@ class ShardReport:
     failed: dict[str, str] = field(default_factory=dict)  # image id -> reason
 
 
-def _load_all(items: Sequence[tuple[str, Path]], max_side: int
+def _load_all(items: Sequence[tuple[str, Path]], max_side: int, root: Path | None
               ) -> Iterator[tuple[str, LoadedImage | ImageLoadError]]:
     """Images in order, decoded a few ahead on threads (Pillow releases the GIL) so the detector never waits."""
     def one(item: tuple[str, Path]):
         try:
-            return item[0], load_image(item[1], max_side)
+            return item[0], load_image(item[1], max_side, root)
         except ImageLoadError as e:
             return item[0], e
+        except Exception as e:  # noqa: BLE001 - whatever one file does, it costs only that image
+            return item[0], ImageLoadError(item[1], f"cannot be loaded ({type(e).__name__}: {e})")
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         window: list = []
@@ -140,14 +142,33 @@ def _load_all(items: Sequence[tuple[str, Path]], max_side: int
             yield fut.result()
 
 
+def extract_each(detector: Detector, tensors: list) -> list:
+    """``detector.extract`` of a batch; when the batch fails, each image alone, so only the culprit fails.
+    Returns a RegionResult or the Exception for each image."""
+    try:
+        out = list(detector.extract(tensors))
+        if len(out) != len(tensors):
+            raise RuntimeError(f"the detector returned {len(out)} results for {len(tensors)} images")
+        return out
+    except Exception as e:  # noqa: BLE001 - one bad image must not cost its batch
+        if len(tensors) == 1:
+            return [e]
+        log.warning("a batch of %d images failed in the detector (%s: %s); retrying them one by one",
+                    len(tensors), type(e).__name__, e)
+    return [extract_each(detector, [t])[0] for t in tensors]
+
+
 def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path, detector: Detector, *,
                   producer: dict[str, Any], dataset: dict[str, Any], shard_index: int, num_shards: int,
                   feature_dtype: str = "float16", max_image_side: int = 2048, batch_size: int = 4,
-                  on_error: str = "record", progress: Callable[[int, int], None] | None = None) -> ShardReport:
+                  on_error: str = "record", progress: Callable[[int, int], None] | None = None,
+                  image_root: str | Path | None = None) -> ShardReport:
     """Extract the 20 fragments of each (image_id, path) and write one region shard to ``out_path``.
 
-    Unreadable images are recorded (id + reason) and the rest is written; ``on_error="fail"`` raises
-    RegionExtractionError at the first one instead (nothing is written then).
+    Every path must resolve inside ``image_root`` (default: each file's own folder; see images.open_inside).
+    Anything that fails for one image (reading, decoding, the detector, pooling, the layout) is recorded for that
+    image (id + reason) and the rest is written; a failed batch is retried image by image to find the culprit.
+    ``on_error="fail"`` raises RegionExtractionError at the first failure instead (nothing is written then).
     ``progress(done, total)`` is called after each group of batches (Luigi's progress bar).
     """
     if on_error not in ON_ERROR:
@@ -155,10 +176,33 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype {feature_dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}")
     items = [(str(i), Path(p)) for i, p in items]
+    root = Path(image_root) if image_root is not None else None
     report = ShardReport(Path(out_path))
     rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
                                              "features")}
     window: list[tuple[str, LoadedImage]] = []  # a few batches, so images of one size can be batched together
+    detector_failures: list[str] = []
+
+    def fail(image_id: str, reason: str) -> None:
+        if on_error == "fail":
+            bar.close()
+            raise RegionExtractionError(f"image {image_id!r}: {reason}")
+        log.warning("skipping image %r: %s", image_id, reason)
+        report.failed[image_id] = reason
+
+    def add(image_id: str, im: LoadedImage, r) -> None:
+        frag = layout_fragments(im.height, im.width, im.to_original(r.boxes.cpu().numpy()), r.scores.cpu().numpy(),
+                                r.labels.cpu().numpy(), r.features.cpu().numpy(), r.whole.cpu().numpy())
+        feats = frag["features"].astype(feature_dtype)
+        if not np.isfinite(feats).all():
+            fail(image_id, f"features overflow {feature_dtype} (largest {np.abs(frag['features']).max():.3g}); "
+                           "use --feature-dtype float32")
+            return
+        rows["image_ids"].append(image_id)
+        rows["image_hw"].append((im.height, im.width))
+        for k in ("boxes", "scores", "labels", "mask"):
+            rows[k].append(frag[k])
+        rows["features"].append(feats)
 
     def flush() -> None:
         # Same-size images share a batch without padding: features do not depend on batch neighbours.
@@ -166,32 +210,26 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
         results: list = [None] * len(window)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            for i, r in zip(idx, detector.extract([window[i][1].tensor for i in idx])):
+            for i, r in zip(idx, extract_each(detector, [window[i][1].tensor for i in idx])):
                 results[i] = r
         for (image_id, im), r in zip(window, results):
-            frag = layout_fragments(im.height, im.width, im.to_original(r.boxes.cpu().numpy()),
-                                    r.scores.cpu().numpy(), r.labels.cpu().numpy(), r.features.cpu().numpy(),
-                                    r.whole.cpu().numpy())
-            rows["image_ids"].append(image_id)
-            rows["image_hw"].append((im.height, im.width))
-            for k in ("boxes", "scores", "labels", "mask"):
-                rows[k].append(frag[k])
-            feats = frag["features"].astype(feature_dtype)
-            if not np.isfinite(feats).all():
-                raise RegionExtractionError(f"image {image_id!r}: features overflow {feature_dtype} (largest "
-                                            f"{np.abs(frag['features']).max():.3g}); use --feature-dtype float32")
-            rows["features"].append(feats)
+            if isinstance(r, Exception):
+                detector_failures.append(f"{type(r).__name__}: {r}")
+                fail(image_id, f"the detector failed on this image ({type(r).__name__}: {r})")
+                continue
+            try:
+                add(image_id, im, r)
+            except RegionExtractionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a result that cannot be laid out costs only its image
+                fail(image_id, f"its detections cannot be stored ({type(e).__name__}: {e})")
         window.clear()
 
     bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img", leave=False)
     done = 0
-    for image_id, loaded in _load_all(items, max_image_side):
+    for image_id, loaded in _load_all(items, max_image_side, root):
         if isinstance(loaded, ImageLoadError):
-            if on_error == "fail":
-                bar.close()
-                raise RegionExtractionError(f"image {image_id!r}: {loaded}") from None
-            log.warning("skipping image %r: %s", image_id, loaded)
-            report.failed[image_id] = f"{loaded.path}: {loaded.reason}"
+            fail(image_id, f"{loaded.path}: {loaded.reason}")
         else:
             window.append((image_id, loaded))
         done += 1
@@ -205,6 +243,10 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
         progress(done, len(items))
 
     n = len(rows["image_ids"])
+    if n == 0 and len(detector_failures) > 1:  # every image it saw: the detector is broken, not the images
+        raise RegionExtractionError(f"the detector failed on all {len(detector_failures)} images of shard "
+                                    f"{out_path} (first: {detector_failures[0]}); nothing was written — fix the "
+                                    "detector setup (device, weights) and rerun")
     d = int(producer.get("feature_dim", 0))
     feats = np.stack(rows["features"]) if n else np.zeros((0, K_FRAGMENTS, d), feature_dtype)
     cache.write_region_shard(
@@ -257,7 +299,7 @@ def run_shard(dataset, out_path: str | Path, config: RegionConfig, *, shard_size
     report = extract_shard(items, out_path, detector, producer=producer, dataset=region_dataset(dataset),
                            shard_index=shard_index, num_shards=len(ranges), feature_dtype=config.feature_dtype,
                            max_image_side=config.max_image_side, batch_size=batch_size, on_error=on_error,
-                           progress=progress)
+                           progress=progress, image_root=dataset.image_root)
     log.info("wrote region shard %d/%d (%d images, %d failed): %s", shard_index + 1, len(ranges), report.images,
              len(report.failed), out_path)
     return report
@@ -297,4 +339,4 @@ def summarize_failures(folder: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["RegionConfig", "RegionExtractionError", "ShardReport", "extract_shard", "layout_fragments",
-           "region_cache_folder", "region_dataset", "run_shard", "summarize_failures", "detector_for"]
+           "region_cache_folder", "region_dataset", "run_shard", "summarize_failures", "detector_for", "extract_each"]

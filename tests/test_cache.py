@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import (K_FRAGMENTS, SCHEMA_VERSION, WHOLE_IMAGE_ROW, CacheError, cache_folder, cache_key,
-                            list_shards, open_shard, read_region_shard, read_triple_shard, shard_name,
+                            list_shards, open_shard, read_region_shard, read_strings, read_triple_shard, shard_name,
                             shard_ranges, write_region_shard, write_shard, write_triple_shard)
 
 PRODUCER = {"backend": "torchvision", "model": "fasterrcnn_mobilenet_v3_large_fpn", "weights": "random",
@@ -179,13 +179,11 @@ def test_a_killed_write_leaves_no_finished_shard(tmp_path):
         from pipeline.cache import write_region_shard
         from test_cache import region_arrays, PRODUCER, DATASET
 
-        create = h5py.Group.create_dataset
-        def pause_after_features(self, name, *args, **kw):  # the real write, held before the last fields
-            if name == "failed_ids":
-                Path({str(marker)!r}).touch()
-                time.sleep(120)
-            return create(self, name, *args, **kw)
-        h5py.Group.create_dataset = pause_after_features
+        import os
+        def pause_before_rename(fd):  # the temporary file is written, not yet synced and renamed
+            Path({str(marker)!r}).touch()
+            time.sleep(120)
+        os.fsync = pause_before_rename
 
         write_region_shard({str(tmp_path / shard_name(0))!r}, **region_arrays(500, d=64), producer=PRODUCER,
                            dataset=DATASET, shard_index=0, num_shards=1)
@@ -264,7 +262,7 @@ def test_one_image_is_read_without_the_whole_shard(tmp_path):
         assert feats.chunks[0] * K_FRAGMENTS * d * 2 <= 256 * 1024  # one chunk holds a few hundred images at most
         assert np.array_equal(feats[i], arrays["features"][i])
         assert np.array_equal(f["boxes"][i], arrays["boxes"][i]) and f["mask"][i].tolist() == arrays["mask"][i].tolist()
-        assert f["image_ids"].asstr()[i] == arrays["image_ids"][i]
+        assert read_strings(f["image_ids"])[i] == arrays["image_ids"][i]
     # Count the bytes HDF5 actually reads to fetch that image's fragments.
     with CountingFile(path) as raw, h5py.File(raw, "r") as f:
         opened = raw.bytes_read
