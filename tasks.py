@@ -390,6 +390,12 @@ class TrainEmbedding(DatasetTask):
     def output(self):
         return luigi.LocalTarget(str(self.run_folder() / "summary.json"))
 
+    def complete(self):
+        """Done when the run folder's summary records the asked number of epochs (--resume --epochs N goes on)."""
+        from model.train import trained_epochs
+
+        return trained_epochs(self.run_folder()) == self.epochs
+
     def run(self):
         from model.train import train
 
@@ -399,7 +405,9 @@ class TrainEmbedding(DatasetTask):
         self.set_status_message(f"training -> {folder}")
         summary = train(self.train_config(), up["regions"].region_folder(), up["triples"].triple_folder(),
                         up["vocab"].output().path, folder.parent, splits={im.image_id: im.split for im in data.images},
-                        run_name_=folder.name, resume=self.resume)
+                        run_name_=folder.name, resume=self.resume,
+                        producers={"regions": up["regions"].region_config().producer(),
+                                   "triples": up["triples"].parse_settings().producer()})
         from model.runs import write_dataset_reference
 
         write_dataset_reference(folder, self.dataset, self.image_root)  # retrieval finds the images and captions
@@ -436,6 +444,13 @@ class Evaluate(TrainEmbedding):
         folder = self.run_folder()
         return {"json": luigi.LocalTarget(str(folder / f"eval-{self.split}.json")),
                 "markdown": luigi.LocalTarget(str(folder / f"eval-{self.split}.md"))}
+
+    def complete(self):
+        """Outputs written after the training they describe (a resumed run is evaluated again)."""
+        from model.train import newer_than_training
+
+        outs = luigi.task.flatten(self.output())
+        return self.requires().complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
 
     def open_run(self):
         from model.runs import open_run, write_dataset_reference

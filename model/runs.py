@@ -143,8 +143,12 @@ def evaluate_split(run: Run, split_name: str = "test", captions_per_image: int =
     of each image (0: all)."""
     split = run.store.split(split_name)
     if split.n_images == 0 or split.n_captions == 0:
+        others = [n for n in ("val", "test", "train") if n != split_name and n in run.store.splits
+                  and run.store.splits[n].n_images and run.store.splits[n].n_captions]
+        hint = f"evaluate another split ({', '.join(f'--split {n}' for n in others)})" if others else \
+            "the dataset has no split with images and captions"
         raise RunError(f"split {split_name!r} of run {run.folder} has {split.n_images} images and "
-                       f"{split.n_captions} captions with fragments: nothing to evaluate")
+                       f"{split.n_captions} captions with fragments: nothing to evaluate; {hint}")
     return evaluation_result(run, split_name, split_scores(run, split), captions_per_image, fold_size)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import K_FRAGMENTS, CacheError, list_shards, open_shard, read_strings
+from pipeline.cache import K_FRAGMENTS, CacheError, canonical_json, list_shards, open_shard, read_strings, shard_info
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,37 @@ class Split:
 
 # ---------------------------------------------------------------------------------------------- the store
 
-def _read_regions(folder: Path) -> dict[str, Any]:
+class _OneSource:
+    """Every shard of a cache folder must come from one producer and one dataset (the caller's, when given):
+    a shard of other weights or another parser in the folder is refused, naming both."""
+
+    def __init__(self, kind: str, producer: Mapping[str, Any] | None = None):
+        self.kind, self.producer, self.dataset, self.first = kind, producer, None, None
+
+    def check(self, f: Any) -> None:
+        info = shard_info(f)
+        if self.first is None:
+            self.first = info.path
+            if self.producer is None:
+                self.producer = info.producer
+            self.dataset = info.dataset
+        for what, want, have in (("producer", self.producer, info.producer), ("dataset", self.dataset, info.dataset)):
+            if canonical_json(want) != canonical_json(have):
+                raise CacheError(f"{self.kind} shard {info.path} has {what} {canonical_json(have)}, but "
+                                 f"{'this run asks for' if self.first == info.path else f'{self.first} has'} "
+                                 f"{canonical_json(want)}: one cache folder holds one producer's shards; delete "
+                                 "the folder and rerun stage 1")
+
+
+def _read_regions(folder: Path, producer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     shards = list_shards(folder)
     if not shards:
         raise CacheError(f"region cache {folder} holds no finished shards: run ExtractRegions first")
     ids, masks, shard_of, row_of, nbytes, failed, dims = [], [], [], [], [], {}, set()
+    source = _OneSource("region", producer)
     for s, path in enumerate(shards):
         with open_shard(path, "regions") as f:
+            source.check(f)
             sid = read_strings(f["image_ids"])
             ids += sid
             masks.append(np.asarray(f["mask"][()], bool).reshape(len(sid), K_FRAGMENTS))
@@ -211,11 +235,14 @@ class FragmentStore:
     (or are missing from the region cache) are dropped with their captions, with a log line.
     ``skip_unknown`` drops triples with a word or relation outside the vocabulary (the original code dropped
     out-of-vocabulary triples); otherwise they map to the vocabulary's unknown entries ("<unk>", index 0).
-    Words are the triples' word forms (head, dep), as the vocabulary counts them.
+    Words are the triples' word forms (head, dep), as the vocabulary counts them. ``producers`` ({"regions",
+    "triples"}: the shards' producer records) refuses caches made by another detector, weights or parser; every
+    shard of a folder must share one producer in any case.
     """
 
     def __init__(self, region_folder: str | Path, triple_folder: str | Path, vocab: Any,
-                 splits: Mapping[str, str], *, skip_unknown: bool = False, memory_budget_bytes: int | None = None):
+                 splits: Mapping[str, str], *, skip_unknown: bool = False, memory_budget_bytes: int | None = None,
+                 producers: Mapping[str, Mapping[str, Any]] | None = None):
         self.region_folder, self.triple_folder = Path(region_folder), Path(triple_folder)
         if isinstance(vocab, (str, Path)):
             from pipeline.vocab import load_vocab
@@ -224,7 +251,8 @@ class FragmentStore:
         self.vocab = vocab
         self.skip_unknown = skip_unknown
 
-        reg = _read_regions(self.region_folder)
+        producers = producers or {}
+        reg = _read_regions(self.region_folder, producers.get("regions"))
         self.feat_dim = reg["dim"]
         known = {i: n for n, i in enumerate(reg["ids"])}
         in_split = [i for i in reg["ids"] if i in splits]
@@ -250,19 +278,21 @@ class FragmentStore:
             self.features = MemoryFeatures(_load_features(reg["shards"], len(reg["ids"]), K_FRAGMENTS,
                                                           self.feat_dim))
 
-        self._read_triples(known)
+        self._read_triples(known, producers.get("triples"))
         self._make_splits(splits)
 
     # -------------------------------------------------------------------------------------- triples
-    def _read_triples(self, known: Mapping[str, int]) -> None:
+    def _read_triples(self, known: Mapping[str, int], producer: Mapping[str, Any] | None = None) -> None:
         shards = list_shards(self.triple_folder)
         if not shards:
             raise CacheError(f"triple cache {self.triple_folder} holds no finished shards: run ParseSentences")
         maps = vocab_maps(self.vocab)
         cap_ids, cap_img, lens, rel, w1, w2 = [], [], [], [], [], []
         dropped_caps, unknown_words, dropped_triples, failed = 0, 0, 0, 0
+        source = _OneSource("triple", producer)
         for path in shards:
             with open_shard(path, "triples") as f:
+                source.check(f)
                 ids, imgs = read_strings(f["caption_ids"]), read_strings(f["image_ids"])
                 offsets = np.asarray(f["offsets"][()], np.int64)
                 r_s, h_s, d_s = (read_strings(f[c]) for c in ("rel", "head", "dep"))

@@ -27,7 +27,7 @@ from pipeline.cache import cache_key, write_text_atomic
 from pipeline.devices import resolve_device
 
 from .batches import epoch_batches
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, LAST, CheckpointError, CheckpointUnreadable, load_checkpoint, save_checkpoint
 from .defrag import DeFrag
 from .objective import defrag_cost
 from .store import FragmentStore, Split, encode_captions, encode_images
@@ -89,9 +89,28 @@ class TrainConfig:
 
 
 def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str) -> str:
-    """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary."""
-    return "defrag-" + cache_key({"config": config.identity(), "epochs": config.epochs, "cache_keys": dict(cache_keys),
-                                  "vocab": vocab_key}, length=10)
+    """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary.
+
+    The epoch count is not part of it (``TrainConfig.RUNTIME``): ``--resume --epochs N`` finds the same run."""
+    return "defrag-" + cache_key({"config": config.identity(), "cache_keys": dict(cache_keys), "vocab": vocab_key},
+                                 length=10)
+
+
+def trained_epochs(run_folder: str | Path) -> int | None:
+    """Epochs a finished run trained (its summary.json), or None while it has none."""
+    try:
+        return int(json.loads((Path(run_folder) / "summary.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def newer_than_training(run_folder: str | Path, paths: list[str | Path]) -> bool:
+    """Every path exists and was written after the run's summary.json (evaluations of a resumed run are stale)."""
+    summary = Path(run_folder) / "summary.json"
+    if not summary.exists():
+        return False
+    t = summary.stat().st_mtime_ns
+    return all(Path(p).exists() and Path(p).stat().st_mtime_ns >= t for p in paths)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -200,6 +219,40 @@ def _window_groups(split: Split, store: FragmentStore, generator: torch.Generato
     return groups
 
 
+def check_trainable(store: FragmentStore, split: Split) -> None:
+    """Refuse a training split the objective cannot learn from, naming the cause (no silent constant loss)."""
+    where = f"the train split of {store.triple_folder} and {store.region_folder}"
+    if split.n_captions == 0:
+        raise ValueError(f"no training captions with images in {where}: check the caches and the dataset's "
+                         "train split")
+    c = split.cap_rows
+    if int((store.offsets[c + 1] - store.offsets[c]).sum()) == 0:
+        raise ValueError(f"no sentence fragments in {where}: all {split.n_captions} training captions have zero "
+                         "dependency triples (one-word or unparseable captions, or every triple dropped by "
+                         "--skip-unknown); check the captions and the parser")
+    if int(store.mask[split.rows].sum()) == 0:
+        raise ValueError(f"no image fragments in {where}: every training image has an empty mask; rebuild the "
+                         "region cache")
+    unk = getattr(store.vocab, "unk", "<unk>")
+    if not [w for w in store.vocab.words if w != unk]:
+        raise ValueError(f"the vocabulary of {where} holds only {unk}: every word is rarer than --min-count or "
+                         "the captions have no triples; lower --min-count or check the captions")
+
+
+def _load_for_resume(last: Path, vocab_key: str, cache_keys: Mapping[str, str]) -> dict[str, Any]:
+    """checkpoint-last.pt for --resume; a damaged one is named with the way out (the best checkpoint)."""
+    try:
+        return load_checkpoint(last, vocab_key, cache_keys)
+    except CheckpointUnreadable as e:
+        best = last.with_name(BEST)
+        try:
+            epoch = int(load_checkpoint(best, vocab_key, cache_keys)["epoch"])
+        except CheckpointError:
+            raise CheckpointError(f"{e}; {best.name} cannot be used either: start a new run (--run-name)") from None
+        raise CheckpointError(f"{e}. To resume from the best epoch ({epoch}) instead: cp {best} {last}, then "
+                              "rerun with --resume; or start a new run (--run-name)") from None
+
+
 def _rng_state() -> dict[str, Any]:
     st: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -230,11 +283,13 @@ def _place(store: FragmentStore, device: torch.device) -> None:
 
 def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, triple_folder: str | Path,
           vocab_path: str | Path | Any, run_dir: str | Path, *, splits: Mapping[str, str] | None = None,
-          run_name_: str | None = None, resume: bool = False, store: FragmentStore | None = None) -> dict[str, Any]:
+          run_name_: str | None = None, resume: bool = False, store: FragmentStore | None = None,
+          producers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Train DeFrag on the caches; write the run folder ``<run_dir>/<run name>/``; return the summary.
 
     ``splits`` maps image id -> split (the dataset's); ``store`` may pass an already built FragmentStore
     (benchmarks and tests reuse one). ``resume`` continues from checkpoint-last.pt of the run folder.
+    ``producers`` ({"regions", "triples"}: producer records) makes the store refuse shards of any other producer.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     device = torch.device(resolve_device(cfg.device))
@@ -242,18 +297,16 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if splits is None:
             raise ValueError("train() needs the dataset's splits (image id -> split) or a built store")
         store = FragmentStore(region_folder, triple_folder, vocab_path, splits, skip_unknown=cfg.skip_unknown,
-                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30))
+                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30), producers=producers)
     if store.skip_unknown != cfg.skip_unknown:
         raise ValueError(f"the store was built with skip_unknown={store.skip_unknown}, the configuration asks for "
                          f"{cfg.skip_unknown}")
     vocab_key = str(store.vocab.key)
     name = run_name_ or run_name(cfg, store.cache_keys, vocab_key)
+    train_split, val_split = store.split("train"), store.split("val")
+    check_trainable(store, train_split)
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    train_split, val_split = store.split("train"), store.split("val")
-    if train_split.n_captions == 0:
-        raise ValueError(f"no training captions in {triple_folder} with images in {region_folder}: "
-                         "check the caches and the dataset's train split")
 
     torch.manual_seed(cfg.seed)
     word_init = None
@@ -274,11 +327,15 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         raise CheckpointError(f"{out} already holds a run ({LAST}): pass resume (--resume) to continue it, or "
                               "another run name (--run-name) to start a new one")
     if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, vocab_key, store.cache_keys)  # on the CPU: RNG states must be
+        ckpt = _load_for_resume(last_path, vocab_key, store.cache_keys)  # on the CPU: RNG states must be
         if ckpt["config"] != cfg.identity():
             diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.identity().items() if ckpt["config"].get(k) != v}
             raise CheckpointError(f"{last_path} was trained with other options (checkpoint, now): {diff}; "
                                   "resume with the same options or start a new run (--run-name)")
+        if int(ckpt["epoch"]) > cfg.epochs:
+            raise CheckpointError(f"{last_path} has already trained {ckpt['epoch']} epochs, more than --epochs "
+                                  f"{cfg.epochs}: pass --epochs {ckpt['epoch']} or more, or start a new run "
+                                  "(--run-name)")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])

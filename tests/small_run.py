@@ -1,66 +1,37 @@
-"""A small trained run on the demo set, built with the real cache writers, store and trainer in seconds.
+"""A small trained run on the demo set, made by the real pipeline: TrainEmbedding through Luigi's local scheduler,
+with the random-weight MobileNet detector at a small input size and the project's small Stanza models.
 
-Region features are random (16-d) and the triples come from a word-pair rule instead of Stanza, so the run
-exercises evaluation, retrieval and reports without the detector or the parser (tests/test_end_to_end.py runs
-those). Image boxes are random but inside each image.
+It trains with ``--smooth 1`` (not the default 10), so tests of evaluation and retrieval can tell whether the
+run's own smoothing was used. A few seconds of detection, parsing and training on two cores.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import luigi
+from luigi.execution_summary import LuigiStatusCode
 
-from data import load_dataset
-from pipeline.cache import K_FRAGMENTS, cache_folder, shard_name, write_region_shard, write_triple_shard
-from pipeline.triples import Triple
-from pipeline.vocab import save_vocab, vocab_from_cache
-
-FEAT_DIM = 16
+MODELS = Path(__file__).resolve().parent / "stanza_models"
+TAGGER, PARSER = MODELS / "en_ewt_tagger_small.pt", MODELS / "en_ewt_parser_small.pt"
+SMOOTH = 1.0  # the run's smoothing n; the default is 10
 
 
-def rule_triples(text: str) -> list[Triple]:
-    """(nn, word, previous word) for each adjacent pair of words: a stand-in for parsed triples."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return [Triple("nn" if i % 2 else "amod", words[i], words[i - 1], words[i], words[i - 1], i + 1, i)
-            for i in range(1, len(words))]
+def small_run_params(root: Path, **overrides) -> dict:
+    for f in (TAGGER, PARSER):
+        assert f.is_file(), f"{f} is missing: build it with tests/stanza_models/build_models.sh"
+    p = dict(dataset="demo", cache_dir=str(root / "cache"), run_dir=str(root / "runs"), device="cpu",
+             detector="torchvision-mobilenet-v3-fpn", detector_weights="random", max_image_side=256, min_size=128,
+             max_size=192, stanza_tagger=str(TAGGER), stanza_parser=str(PARSER), min_count=1, epochs=2,
+             batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=16, word_dim=8, smooth=SMOOTH, progress=False)
+    p.update(overrides)
+    return p
 
 
-def build_small_run(root: Path, epochs: int = 2, seed: int = 0) -> Path:
-    from model.runs import write_dataset_reference
-    from model.train import train
+def build_small_run(root: Path, **overrides) -> Path:
+    """Train the small run under ``root``; return its run folder (with dataset.json, as TrainEmbedding writes it)."""
+    import tasks
 
-    ds = load_dataset("demo")
-    rng = np.random.default_rng(seed)
-    n = len(ds.images)
-    hw = np.array([Image.open(ds.image_path(im.image_id)).size[::-1] for im in ds.images])
-    boxes = np.zeros((n, K_FRAGMENTS, 4), np.float32)
-    mask = np.zeros((n, K_FRAGMENTS), bool)
-    for k, (h, w) in enumerate(hw):
-        boxes[k, 0] = [0, 0, w, h]
-        m = int(rng.integers(3, K_FRAGMENTS))
-        mask[k, :m] = True
-        x0, y0 = rng.uniform(0, 0.6 * w, m - 1), rng.uniform(0, 0.6 * h, m - 1)
-        boxes[k, 1:m] = np.stack([x0, y0, x0 + rng.uniform(0.1, 0.4) * w, y0 + rng.uniform(0.1, 0.4) * h], 1)
-    feats = rng.normal(size=(n, K_FRAGMENTS, FEAT_DIM)).astype(np.float16) * mask[..., None]
-    producer_r = {"backend": "random-test-features", "dim": FEAT_DIM}
-    reg = cache_folder(root / "cache", "regions", "demo", {"producer": producer_r, "dataset": ds.describe()})
-    write_region_shard(reg / shard_name(0), image_ids=[im.image_id for im in ds.images], image_hw=hw, boxes=boxes,
-                       scores=mask.astype(np.float32), labels=np.where(mask, 1, -1), mask=mask, features=feats,
-                       producer=producer_r, dataset=ds.describe(), shard_index=0, num_shards=1)
-    producer_t = {"parser": "word-pairs-test"}
-    tri = cache_folder(root / "cache", "triples", "demo", {"producer": producer_t, "dataset": ds.describe()})
-    caps = ds.captions
-    write_triple_shard(tri / shard_name(0), caption_ids=[c.caption_id for c in caps],
-                       image_ids=[c.image_id for c in caps], texts=[c.text for c in caps],
-                       triples=[rule_triples(c.text) for c in caps], producer=producer_t, dataset=ds.describe(),
-                       shard_index=0, num_shards=1)
-    vocab_path = save_vocab(vocab_from_cache(tri, {c.caption_id for c in ds.split_captions("train")}, 1),
-                            root / "cache" / "vocab.json")
-    summary = train({"epochs": epochs, "batch_size": 8, "h": 16, "d": 8, "lr": 0.01, "device": "cpu",
-                     "progress": False, "seed": seed}, reg, tri, vocab_path, root / "runs",
-                    splits={im.image_id: im.split for im in ds.images})
-    run = Path(summary["run_dir"])
-    write_dataset_reference(run, "demo")
-    return run
+    task = tasks.TrainEmbedding(**small_run_params(root, **overrides))
+    result = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    return task.run_folder()

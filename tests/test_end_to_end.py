@@ -52,9 +52,10 @@ def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
               "eval-test.json", "eval-test.md", "report/index.html"):
         assert (run / f).is_file(), f
     ev = json.loads((run / "eval-test.json").read_text())
-    assert ev["all"]["n_images"] == 2 and ev["all"]["n_captions"] == 10
+    assert ev["all"]["n_images"] == 2 and ev["all"]["n_captions"] == 10 and ev["checkpoint_epoch"] in (1, 2, 3)
+    want = expected_metrics(run, smooth=10.0)  # the default smoothing
     for d in ("annotation", "search"):
-        assert 0 <= ev["all"][d]["r1"] <= ev["all"][d]["r5"] <= ev["all"][d]["r10"] <= 1
+        assert ev["all"][d] == pytest.approx(want[d])
     assert "| Model | Image Annotation R@1 |" in (run / "eval-test.md").read_text()
     assert sum(1 for _ in (run / "report" / "align").glob("*.png")) >= 4
     assert len(list((tmp_path / "cache" / "regions").glob("*/shard-*.h5"))) == 1
@@ -73,3 +74,42 @@ def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
     assert again.status == LuigiStatusCode.SUCCESS and RAN == []
     assert "Did not run any tasks" in again.summary_text, again.summary_text
     assert snapshot(tmp_path) == before
+
+    # --resume --epochs 4 continues the same run (the epoch count is not in its name), then evaluates it again
+    more = {k: v for k, v in report.param_kwargs.items()}
+    more.update(epochs=4, resume=True)
+    report4 = tasks.Report(**more)
+    assert report4.run_folder() == run
+    RAN.clear()
+    result = luigi.build([report4], local_scheduler=True, detailed_summary=True)
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    assert sorted(RAN) == ["Evaluate", "Report", "TrainEmbedding"]
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2, 3, 4]
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
+    ev4, want = json.loads((run / "eval-test.json").read_text()), expected_metrics(run, smooth=10.0)
+    for d in ("annotation", "search"):
+        assert ev4["all"][d] == pytest.approx(want[d])
+    # without --resume a finished run is never retrained from scratch
+    more.update(epochs=5, resume=False)
+    assert luigi.build([tasks.TrainEmbedding(**{k: v for k, v in more.items() if k in TRAIN})],
+                       local_scheduler=True, detailed_summary=True).status == LuigiStatusCode.FAILED
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
+
+
+TRAIN = set(tasks.TrainEmbedding.get_param_names(include_significant=True))
+
+
+def expected_metrics(run: Path, smooth: float) -> dict:
+    """The test split's metrics recomputed from the best checkpoint: one score block, the objective's S_kl."""
+    from model.evaluate import first_captions, retrieval_metrics
+    from model.objective import pair_scores
+    from model.runs import open_run
+    from model.store import encode
+
+    r = open_run(run)
+    split = r.store.split("test")
+    iv, io, sv, so = encode(r.model, split)
+    keep = first_captions(split.caption_image, 5)
+    scores = pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=smooth)
+    return retrieval_metrics(scores[:, keep], split.caption_image[keep])

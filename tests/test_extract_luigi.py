@@ -113,8 +113,10 @@ def _free_port() -> int:
 def luigid(tmp_path):
     port = _free_port()
     (tmp_path / "luigid-logs").mkdir()
-    proc = subprocess.Popen(["luigid", "--port", str(port), "--logdir", str(tmp_path / "luigid-logs"),
-                             "--state-path", str(tmp_path / "luigid-state.pickle")], cwd=tmp_path, env=ENV,
+    # luigid of the running interpreter (a venv's python works without an activated venv or luigid on PATH)
+    server = [sys.executable, "-c", "from luigi.cmdline import luigid; luigid()"]
+    proc = subprocess.Popen(server + ["--port", str(port), "--logdir", str(tmp_path / "luigid-logs"),
+                                      "--state-path", str(tmp_path / "luigid-state.pickle")], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:

@@ -12,7 +12,7 @@ from model.defrag import DeFrag
 from model.planted import synthetic_set, write_caches
 from model.store import FragmentStore, encode
 from model.wordvecs import load_word_vectors
-from pipeline.cache import write_region_shard
+from pipeline.cache import CacheError, open_shard, read_region_shard, shard_info, write_region_shard
 from pipeline.vocab import load_vocab
 
 
@@ -128,28 +128,81 @@ def test_store_reads_caches_into_tensors(planted):
                for c, k in zip(sub.caption_ids, sub.caption_image.tolist()))
 
 
-def test_store_drops_failed_images_and_unknown_words(planted, tmp_path, caplog):
+def _rewrite_region_shard(path, drop: list[int], **changes):
+    """Rewrite a region shard without the images at ``drop`` (recorded as failed), keeping its attributes."""
+    blk = read_region_shard(path)
+    with open_shard(path, "regions") as f:
+        info = shard_info(f)
+    keep = [i for i in range(len(blk.image_ids)) if i not in drop]
+    attrs = dict(producer=info.producer, dataset=info.dataset, shard_index=info.shard_index,
+                 num_shards=info.num_shards)
+    attrs.update(changes)
+    write_region_shard(path, image_ids=[blk.image_ids[i] for i in keep], image_hw=blk.image_hw[keep],
+                       boxes=blk.boxes[keep], scores=blk.scores[keep], labels=blk.labels[keep], mask=blk.mask[keep],
+                       features=blk.features[keep], failed_ids=[blk.image_ids[i] for i in drop],
+                       failed_reasons=["unreadable"] * len(drop), **attrs)
+    return [blk.image_ids[i] for i in drop]
+
+
+def _store_triples(st: FragmentStore) -> dict[str, list[tuple[str, str, str]]]:
+    """caption id -> its triples as strings, read back from the store's flat tensors and offsets."""
+    v = st.vocab
+    out = {}
+    for m, cid in enumerate(st.caption_ids):
+        a, b = int(st.offsets[m]), int(st.offsets[m + 1])
+        out[cid] = [(v.relations[r], v.words[h], v.words[d])
+                    for r, h, d in zip(st.rel[a:b].tolist(), st.w1[a:b].tolist(), st.w2[a:b].tolist())]
+    return out
+
+
+def test_store_drops_failed_images_of_a_middle_shard_keeping_every_captions_triples(planted, tmp_path, caplog):
     ps, reg, tri, voc = planted
-    # a copy of the region cache where the last shard lost two images (recorded as failed)
     import shutil
 
     reg2 = tmp_path / "regions" / reg.name
     shutil.copytree(reg, reg2)
-    last = sorted(reg2.glob("shard-*.h5"))[-1]
-    keep = slice(0, 0)
-    from pipeline.cache import read_region_shard
-
-    blk = read_region_shard(last)
-    keep = slice(2, None)
-    write_region_shard(last, image_ids=blk.image_ids[keep], image_hw=blk.image_hw[keep], boxes=blk.boxes[keep],
-                       scores=blk.scores[keep], labels=blk.labels[keep], mask=blk.mask[keep],
-                       features=blk.features[keep], failed_ids=blk.image_ids[:2],
-                       failed_reasons=["unreadable", "unreadable"], producer={"backend": "planted", "feature_dim": 8},
-                       dataset={"x": 1}, shard_index=4, num_shards=5)
+    middle = sorted(reg2.glob("shard-*.h5"))[2]  # images 14..20 of 30: captions after them must stay aligned
+    gone = _rewrite_region_shard(middle, drop=[1, 3])
     with caplog.at_level(logging.WARNING):
         st = FragmentStore(reg2, tri, voc, ps.splits)
     assert "2 images failed region extraction" in caplog.text and "10 captions dropped" in caplog.text
-    assert len(st.caption_ids) == 140 and not set(blk.image_ids[:2]) & set(st.image_ids)
+    assert len(st.caption_ids) == 140 and not set(gone) & set(st.image_ids)
+    want = {c: [t[:3] for t in ts] for c, ts in zip(ps.caption_ids, ps.triples)}  # the vocabulary holds them all
+    got = _store_triples(st)
+    assert set(got) == {c for c, i in zip(ps.caption_ids, ps.caption_images) if i not in gone}
+    assert all(got[c] == want[c] for c in got), [c for c in got if got[c] != want[c]][:5]
+    # and each caption still points at its own image, whose features are the ones written
+    for m in (0, 75, 139):
+        cid = st.caption_ids[m]
+        img = st.image_ids[int(st.caption_image[m])]
+        assert img == ps.caption_images[ps.caption_ids.index(cid)]
+        assert np.array_equal(st.features.get(st.caption_image[m:m + 1])[0].numpy(),
+                              ps.features[ps.image_ids.index(img)])
+
+
+def test_store_refuses_shards_of_another_producer(planted, tmp_path):
+    ps, reg, tri, voc = planted
+    import shutil
+
+    reg2 = tmp_path / "regions" / reg.name
+    shutil.copytree(reg, reg2)
+    with open_shard(reg / "shard-00000.h5", "regions") as f:
+        producer = shard_info(f).producer
+    # the producer the shards carry is accepted; another one (other weights) is refused, naming both
+    assert len(FragmentStore(reg2, tri, voc, ps.splits, producers={"regions": producer}).image_ids) == 30
+    other = {**producer, "weights": "random"}
+    with pytest.raises(CacheError, match=r"shard-00000.h5 has producer .*planted.*this run asks for.*random"):
+        FragmentStore(reg2, tri, voc, ps.splits, producers={"regions": other})
+    with pytest.raises(CacheError, match=r"triple shard .* has producer"):
+        FragmentStore(reg2, tri, voc, ps.splits, producers={"triples": {"parser": "other"}})
+    # one shard of the folder written by other weights: refused even when the caller names no producer
+    _rewrite_region_shard(sorted(reg2.glob("shard-*.h5"))[3], drop=[], producer=other)
+    with pytest.raises(CacheError, match=r"shard-00003.h5 has producer .*random.*shard-00000.h5 has"):
+        FragmentStore(reg2, tri, voc, ps.splits)
+
+
+def test_store_maps_unknown_words_or_skips_them(planted):
+    ps, reg, tri, voc = planted
     # a vocabulary without one word: its triples map to <unk>, or are skipped with skip_unknown
     vocab = load_vocab(voc)
     gone = vocab.words[1]
@@ -160,6 +213,9 @@ def test_store_drops_failed_images_and_unknown_words(planted, tmp_path, caplog):
     skip = FragmentStore(reg, tri, vocab, ps.splits, skip_unknown=True)
     assert int(((full.w1 == 0) | (full.w2 == 0)).sum()) == n_gone > 0
     assert skip.rel.numel() == full.rel.numel() - n_gone and int((skip.w1 == 0).sum() + (skip.w2 == 0).sum()) == 0
+    # skipped triples leave every other caption's triples in place
+    want = {c: [t[:3] for t in ts if gone not in (t[1], t[2])] for c, ts in zip(ps.caption_ids, ps.triples)}
+    assert _store_triples(skip) == want
 
 
 def test_streaming_store_matches_memory(planted):
@@ -178,15 +234,26 @@ def test_streaming_store_matches_memory(planted):
         assert torch.equal(x, y)
 
 
-def test_encode_owners_cover_the_split(planted):
+def test_encode_matches_the_model_image_by_image_and_caption_by_caption(planted):
     ps, reg, tri, voc = planted
     st = FragmentStore(reg, tri, voc, ps.splits)
     v = load_vocab(voc)
+    torch.manual_seed(0)
     m = DeFrag(8, len(v.words), len(v.relations), h=6, d=4)
-    iv, io, sv, so = encode(m, st.split("val"), batch=4)
     val = st.split("val")
-    assert iv.shape == (int(st.mask[val.rows].sum()), 6) and io.max() == val.n_images - 1
-    assert sv.shape[0] == so.shape[0] == 3 * val.n_captions and torch.equal(so, so.sort().values)
+    iv, io, sv, so = encode(m, val, batch=4)  # chunks of 4 across 9 images and 45 captions
+    with torch.no_grad():
+        for k, iid in enumerate(val.image_ids):  # image k's real rows, in row order, owned by k
+            i = ps.image_ids.index(iid)
+            rows = torch.from_numpy(ps.features[i][ps.mask[i]]).float()
+            torch.testing.assert_close(iv[io == k], m.image_proj(rows))
+        for c, cid in enumerate(val.caption_ids):  # caption c's triples through the model, owned by c
+            ts = ps.triples[ps.caption_ids.index(cid)]
+            ids = [torch.tensor(x) for x in zip(*[(v.rel_id(t[0]), v.word_id(t[1]), v.word_id(t[2])) for t in ts])]
+            ref, _ = m.sentence_fragments(*ids, torch.zeros(len(ts), dtype=torch.long))
+            torch.testing.assert_close(sv[so == c], ref)
+    assert len(io) == int(ps.mask[[ps.image_ids.index(i) for i in val.image_ids]].sum())
+    assert len(so) == 3 * val.n_captions
 
 
 # ---------------------------------------------------------------------------------------------- batches

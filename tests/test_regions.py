@@ -1,6 +1,7 @@
 """Region extraction with a real (random-weight) torchvision detector: selection, layout, shards, failures."""
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 
@@ -267,3 +268,20 @@ def test_cache_folder_changes_with_content_only(tmp_path):
         ("max_image_side", 512), ("min_size", 160), ("max_size", 320)]]
     folders = {region_cache_folder(tmp_path, ds, c, 10) for c in changed} | {region_cache_folder(tmp_path, ds, CFG, 5)}
     assert base not in folders and len(folders) == len(changed) + 1
+
+
+def test_cache_folder_changes_with_the_detector_weights(tmp_path):
+    from data.records import Dataset, ImageRecord
+
+    ds = Dataset("t", "t.jsonl", tmp_path, [ImageRecord("a", "a.jpg", "train")], [])
+    files = []
+    for name, value in (("a/w.pt", 1.0), ("b/w.pt", 2.0)):  # two weight files under one file name
+        (tmp_path / name).parent.mkdir()
+        torch.save({"w": torch.full((3,), value)}, tmp_path / name)
+        files.append(str(tmp_path / name))
+    files.append(str(tmp_path / "copy-of-a.pt"))
+    shutil.copyfile(files[0], files[2])
+    folder = {w: region_cache_folder(tmp_path, ds, RegionConfig(**{**CFG.__dict__, "detector_weights": w}), 10)
+              for w in ["pretrained", "random"] + files}
+    assert len({folder[w] for w in ["pretrained", "random", files[0], files[1]]}) == 4
+    assert folder[files[2]] == folder[files[0]]  # the same weights under another path: the same cache

@@ -1,4 +1,6 @@
-"""Evaluation files, the HTML report (loaded in headless Chromium) and the retrieve CLI on a small real run."""
+"""Evaluation files, the HTML report (loaded in headless Chromium) and the retrieve CLI on a small real run
+(tests/small_run.py: the real detector and parser, trained with --smooth 1). Expected scores are computed here
+with smooth 1 written out, never read back from the run."""
 import json
 import re
 import shutil
@@ -6,14 +8,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.evaluate import first_captions, retrieval_metrics
 from model.objective import pair_scores
 from model.report import build_report, report_images
 from model.retrieve import main as retrieve_main
-from model.runs import open_run, write_evaluation
+from model.checkpoint import load_model
+from model.runs import evaluate_split, open_run, split_scores, write_evaluation
 from model.store import encode
-from small_run import build_small_run
+from small_run import SMOOTH, build_small_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL = "apt-get update && apt-get install -y chromium"
@@ -25,16 +29,22 @@ def run(tmp_path_factory):
     return open_run(folder)
 
 
+def _scores(run, smooth: float, split_name: str = "test"):
+    """(n_images, n_captions) S_kl of a split, in one block (no chunking): an independent path."""
+    split = run.store.split(split_name)
+    iv, io, sv, so = encode(run.model, split)
+    return pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=smooth)
+
+
 def test_evaluation_files_match_metrics_of_the_objective(run):
     js, md = write_evaluation(run, "test")
     result = json.loads(js.read_text())
     split = run.store.split("test")
-    iv, io, sv, so = encode(run.model, split)  # one block, no chunking: an independent path to S_kl
-    scores = pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=run.smooth)
     keep = first_captions(split.caption_image, 5)
-    expect = retrieval_metrics(scores[:, keep], split.caption_image[keep])
+    expect = retrieval_metrics(_scores(run, SMOOTH)[:, keep], split.caption_image[keep])
     for d in ("annotation", "search"):
         assert result["all"][d] == pytest.approx(expect[d])
+    assert result["score"] == {"smooth": 1.0, "threshold": True}
     assert result["all"]["n_images"] == 2 and result["all"]["n_captions"] == 10
     lines = md.read_text().splitlines()
     header = next(line for line in lines if line.startswith("| Model"))
@@ -43,6 +53,24 @@ def test_evaluation_files_match_metrics_of_the_objective(run):
     row = lines[lines.index(header) + 2]
     assert f"| {100 * expect['annotation']['r1']:.1f} |" in row
     assert not list(run.folder.glob(".*tmp*"))
+
+
+def test_evaluation_and_validation_score_with_the_runs_own_smooth(run):
+    for name in ("test", "train"):  # 10 train images: there smooth 1 and 10 rank captions differently
+        split = run.store.split(name)
+        torch.testing.assert_close(split_scores(run, split), _scores(run, SMOOTH, name))
+        result = evaluate_split(run, name, captions_per_image=0)
+        expect = retrieval_metrics(_scores(run, SMOOTH, name), split.caption_image)
+        assert result["all"]["annotation"] == pytest.approx(expect["annotation"])
+    # the val recalls logged during training: the last checkpoint's model, smooth 1
+    model, ckpt = load_model(run.folder, which="last")
+    val = run.store.split("val")
+    iv, io, sv, so = encode(model, val)
+    expect = retrieval_metrics(pair_scores(iv, io, val.n_images, sv, so, val.n_captions, smooth=SMOOTH),
+                               val.caption_image)
+    logged = ckpt["history"][-1]["val"]
+    for d in ("annotation", "search"):
+        assert {k: logged[d][k] for k in expect[d]} == pytest.approx(expect[d])
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +135,17 @@ def test_retrieve_ranks_captions_for_an_image(run, capsys):
     assert out.startswith("Captions of the test split for image rocket.jpg")
     rows = [line for line in out.splitlines() if re.match(r"^\d+\s", line)]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"]
-    scores = [float(r.split()[1]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    split = run.store.split("test")
+    row = _scores(run, SMOOTH)[split.image_ids.index("rocket.jpg")]
+    top = row.topk(3).values.tolist()  # the three best captions of the split, by S_kl with smooth 1
+    assert [float(r.split()[1]) for r in rows] == pytest.approx(top, rel=1e-3, abs=1e-4)
 
 
 def test_retrieve_json_matches_the_score_matrix(run, capsys):
     assert retrieve_main(["--run", str(run.folder), "--image", "chelsea.png", "--top", "10", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     split = run.store.split("test")
-    iv, io, sv, so = encode(run.model, split)
-    scores = pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=run.smooth)
-    row = scores[split.image_ids.index("chelsea.png")]
+    row = _scores(run, SMOOTH)[split.image_ids.index("chelsea.png")]
     assert len(res["results"]) == 10
     for r in res["results"]:
         assert r["score"] == pytest.approx(float(row[split.caption_ids.index(r["id"])]), rel=1e-5)
@@ -128,7 +156,7 @@ def test_retrieve_json_matches_the_score_matrix(run, capsys):
     (["--image", "no-such.jpg"], "is not among the 14 images"),
     (["--image", "astronaut.png"], "pass --split train"),
     (["--text", "   "], "the sentence is empty"),
-    (["--text", "a cat"], "not made by the Stanza parser"),  # this run's triples come from a test rule
+    (["--text", "Rocket"], "no dependency triples"),  # parsed with the cache's parser: one word, no relation
 ])
 def test_retrieve_bad_queries_get_a_message(run, capsys, args, message):
     assert retrieve_main(["--run", str(run.folder)] + args) == 2
@@ -148,6 +176,32 @@ def test_retrieve_explain_writes_the_picture(run, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(png).size[0] == 900
+
+
+def test_retrieve_refuses_a_crafted_checkpoint_without_running_it(run, tmp_path, capsys):
+    from test_checkpoints import craft
+
+    copy = tmp_path / run.folder.name
+    shutil.copytree(run.folder, copy, ignore=shutil.ignore_patterns("report"))
+    marker = tmp_path / "ran"
+    craft(copy / "checkpoint-best.pt", marker, like=torch.load(copy / "checkpoint-best.pt", weights_only=True))
+    assert retrieve_main(["--run", str(copy), "--image", "rocket.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-best.pt cannot be read" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_evaluating_a_missing_split_names_the_one_to_use(run):
+    import copy
+    import dataclasses
+
+    from model.runs import RunError
+
+    store = copy.copy(run.store)  # the same run on a dataset without a test split
+    store.splits = {**run.store.splits, "test": run.store.split("test").subset([])}
+    with pytest.raises(RunError, match=r"split 'test' .* 0 images .*evaluate another split \(--split val, "
+                                       r"--split train\)"):
+        evaluate_split(dataclasses.replace(run, store=store), "test")
 
 
 def test_open_run_without_dataset_record(run, tmp_path):

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from model.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_model
+from model.batches import epoch_batches
 from model.defrag import DeFrag
 from model.planted import synthetic_set, write_caches
 from model.store import FragmentStore
-from model.train import TrainConfig, train, validate
+from model.train import TrainConfig, _window_groups, train, validate
+from objective_reference import loop_cost
 
 SMALL = dict(h=32, d=16, batch_size=20, lr=1e-2, progress=False, device="cpu")
 
@@ -104,27 +106,58 @@ def test_checkpoint_refusals(caches, tmp_path):
         load_checkpoint(damaged)
 
 
+def first_batch_loss(store: FragmentStore, cfg: TrainConfig, batch_store: FragmentStore | None = None) -> list[float]:
+    """Loss, fragment and global terms per pair of the trainer's first batch, recomputed here: the same
+    initialisation and batch, in-memory features, and the loop-by-definition objective (tests/objective_reference)."""
+    torch.manual_seed(cfg.seed)
+    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
+                   shared_relation=cfg.shared_relation)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)  # epoch 0
+    groups = _window_groups(batch_store.split("train"), batch_store, gen) if batch_store is not None else None
+    split = store.split("train")
+    caps = epoch_batches(split.caption_image, cfg.batch_size, gen, groups)[0]
+    feats, mask = split.images(split.caption_image[caps])
+    rel, w1, w2, owner = split.triples(caps)
+    with torch.no_grad():
+        iv, io = model.image_fragments(feats, mask)
+        sv, so = model.sentence_fragments(rel, w1, w2, owner)
+        total, parts = loop_cost(iv, io, sv, so, len(caps), **cfg.objective_kwargs())
+    return [float(x) / len(caps) for x in (total, parts["fragment"], parts["global"])]
+
+
+def _logged(summary) -> list[float]:
+    return [summary["last"][k] for k in ("loss", "fragment", "global")]
+
+
 def test_streaming_training_reads_shards_through_a_bounded_cache(caches, tmp_path):
     ps, reg, tri, voc = caches
-    budget_gb = 3 * 40 * 20 * 32 * 2 / 2**30  # three shards of the five
-    store = _store(caches, memory_budget_bytes=int(budget_gb * 2**30))
+    budget_gb = 3 * 40 * 20 * 32 * 2 / 2**30  # three shards of the four
+    budget = int(budget_gb * 2**30)
+    store = _store(caches, memory_budget_bytes=budget)
     assert store.streaming
     s = train(TrainConfig(epochs=2, memory_budget_gb=budget_gb, **SMALL), reg, tri, voc, tmp_path, store=store)
     feats = store.features
     assert len(feats.cache) <= 3 and feats.loads <= 2 * 8  # shard windows: each shard read about once an epoch
-    assert s["last"]["loss"] < s["best"]["loss"] * 1.5 and s["best"]["val"]["rsum"] > 150
+    assert s["best"]["val"]["rsum"] > 150
+    # the first batch of a streaming run: the features read through the shard cache are the ones written
+    cfg = TrainConfig(epochs=1, max_batches=1, memory_budget_gb=budget_gb, **SMALL)
+    one = train(cfg, reg, tri, voc, tmp_path / "one", store=_store(caches, memory_budget_bytes=budget))
+    assert _logged(one) == pytest.approx(first_batch_loss(_store(caches), cfg, store), rel=1e-4)
 
 
-def test_ablations_run(caches, tmp_path):
+@pytest.mark.parametrize("kw", [dict(use_fragment=False), dict(use_global=False, use_mil=False),
+                                dict(shared_relation=True), dict(use_mil=False, smooth=1.0, global_margin=10.0),
+                                dict(threshold_global=False, fragment_margin=2.0, fragment_scale=3.0,
+                                     global_scale=0.1)])
+def test_ablations_train_the_objective_they_name(caches, tmp_path, kw):
     ps, reg, tri, voc = caches
     store = _store(caches)
-    for kw in (dict(use_fragment=False), dict(use_global=False, use_mil=False), dict(shared_relation=True)):
-        s = train(TrainConfig(epochs=1, **{**SMALL, **kw}), reg, tri, voc, tmp_path, store=store)
-        assert s["last"]["loss"] > 0 and s["best"]["val"] is not None
-        if kw.get("use_fragment") is False:
-            assert s["last"]["fragment"] == 0
-        if kw.get("use_global") is False:
-            assert s["last"]["global"] == 0
+    cfg = TrainConfig(epochs=1, max_batches=1, **{**SMALL, "batch_size": 8, **kw})
+    s = train(cfg, reg, tri, voc, tmp_path, store=store)
+    want = first_batch_loss(store, cfg)
+    assert _logged(s) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert (want[1] == 0) == (kw.get("use_fragment") is False) and (want[2] == 0) == (kw.get("use_global") is False)
+    assert s["best"]["val"] is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs cuda")
@@ -142,3 +175,27 @@ def test_cuda_training_matches_cpu_closely(caches, tmp_path):
     more = train(TrainConfig(epochs=2, **{**SMALL, "device": "cuda"}), reg, tri, voc, tmp_path / "gpu",
                  store=gpu_store, run_name_=gpu["name"], resume=True)
     assert more["epochs"] == 2 and more["last"]["loss"] < gpu["last"]["loss"]
+
+
+def test_training_refuses_a_split_it_cannot_learn_from(tmp_path):
+    from model.planted import planted_vocab
+    from pipeline.vocab import save_vocab
+
+    ps = synthetic_set(20, feat_dim=8, n_concepts=5, seed=2)
+    cfg = TrainConfig(epochs=1, **SMALL)
+    # captions of one word: no dependency triple at all
+    no_triples = synthetic_set(20, feat_dim=8, n_concepts=5, triples_per_caption=0, seed=2)
+    reg, tri, voc = write_caches(tmp_path / "a", no_triples)
+    with pytest.raises(ValueError, match=r"no sentence fragments .*all 80 training captions have zero"):
+        train(cfg, reg, tri, voc, tmp_path / "runs", splits=no_triples.splits)
+    # every word rarer than min-count: a vocabulary of <unk> alone
+    reg, tri, voc = write_caches(tmp_path / "b", ps)
+    only_unk = save_vocab(planted_vocab(ps, min_count=10**6), tmp_path / "b" / "unk.json")
+    with pytest.raises(ValueError, match=r"vocabulary .* holds only <unk>.*--min-count"):
+        train(cfg, reg, tri, only_unk, tmp_path / "runs", splits=ps.splits)
+    # every image without a fragment (an empty mask)
+    ps.mask[:] = False
+    reg, tri, voc = write_caches(tmp_path / "c", ps)
+    with pytest.raises(ValueError, match=r"no image fragments"):
+        train(cfg, reg, tri, voc, tmp_path / "runs", splits=ps.splits)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
