@@ -169,3 +169,16 @@ def test_precomp_source_for_a_karpathy_dataset_by_ids(tmp_path):
     ds = load_dataset(str(jsonl(tmp_path / "c.jsonl", names)))
     report, block, _ = shard(tmp_path, ds, f"precomp:{tmp_path / 'pc'}")
     assert block.image_ids == names[:2] and list(report.failed) == ["other.jpg"]
+
+
+def test_one_index_pass_serves_every_shard(tsv_parts):
+    tmp, truth = tsv_parts
+    names = [f"{i}.jpg" for i in truth]
+    ds = load_dataset(str(jsonl(tmp / "c.jsonl", names)))
+    _, first, folder = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
+    index = folder / "source-index.json"
+    stamp = index.stat().st_mtime_ns
+    _, last, _ = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=2)
+    assert index.stat().st_mtime_ns == stamp  # read, not rebuilt
+    assert first.image_ids == names[:4] and last.image_ids == names[8:]
+    assert json.loads(index.read_text())["rows"]["391903"][3] == 3  # line 3 of the third part

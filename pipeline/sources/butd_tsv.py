@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import glob
 import json
 import logging
@@ -187,16 +188,22 @@ class TsvSource:
         self.index = self._load_index(index_folder)
 
     def _load_index(self, folder: Path | None) -> dict[str, Any]:
-        path = folder / INDEX_FILE if folder else None
-        if path and path.exists():
-            doc = json.loads(path.read_text())
-            if doc.get("files") == self.identity:
-                return doc
-        log.info("indexing %d TSV file(s) (one pass; the index is kept in %s)", len(self.paths), folder or "memory")
-        doc = {"files": self.identity, **build_index(self.paths)}
-        if path:
+        if folder is None:
+            return {"files": self.identity, **build_index(self.paths)}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / INDEX_FILE
+        # Shard workers of one cache start together: the first to take the lock makes the one pass, the others
+        # wait for it and read its index.
+        with open(folder / f".{INDEX_FILE}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                doc = json.loads(path.read_text())
+                if doc.get("files") == self.identity:
+                    return doc
+            log.info("indexing %d TSV file(s): one pass, kept in %s", len(self.paths), path)
+            doc = {"files": self.identity, **build_index(self.paths)}
             write_text_atomic(path, json.dumps(doc) + "\n")
-        return doc
+            return doc
 
     def locate(self, image_records) -> dict[str, Where]:
         rows = {k: Where(self.paths[v[0]], v[1], v[2], v[3], bool(v[4])) for k, v in self.index["rows"].items()}
