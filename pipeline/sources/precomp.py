@@ -73,8 +73,7 @@ def describe(folder: str) -> dict[str, Any]:
 class PrecompSource:
     def __init__(self, folder: str, index_folder: Path | None = None):
         self.splits = _splits(folder)
-        self.arrays = {s.prefix: np.load(s.ims, mmap_mode="r") for s in self.splits}
-        self.feature_dim = describe(folder)["feature_dim"]
+        self.arrays = {s.prefix: np.load(s.ims, mmap_mode="r") for s in self.splits}  # (N, regions, D) each
 
     def locate(self, image_records) -> dict[str, Where]:
         rows: dict[str, Where] = {}
