@@ -14,7 +14,8 @@ def load_dataset(dataset: str, image_root: str | Path | None = None) -> Dataset:
     """Read a dataset by registered name ("demo") or by path.
 
     Paths: a Karpathy split JSON (``*.json``), a plain JSONL (``*.jsonl``, one caption per line), or
-    Flickr8k's ``Flickr8k.token.txt`` (or the folder holding it, with the split lists beside it).
+    Flickr8k's ``Flickr8k.token.txt`` (or the folder holding it, with the split lists beside it), or a SCAN /
+    VSE++ precomp folder (or its ``test_caps.txt`` / ``testall_caps.txt``).
     ``image_root`` defaults to the folder of the dataset file (``images/`` beside it when that exists).
     """
     from .readers import read_dataset  # late: keeps `import data` cheap
