@@ -1,13 +1,19 @@
-"""Captions per second of the Stanza parse, in bulk vs one call per caption, on real Flickr8k captions.
+"""Captions per second of the Stanza parse: bulk vs one call per caption, batched tree decoder vs Stanza's own.
 
-    python benchmarks/bench_parse.py                         # 2,000 captions, the small models, this CPU
+    python benchmarks/bench_parse.py                         # 2,000 Flickr8k captions, the small models, this CPU
     python benchmarks/bench_parse.py --n 5000 --device cuda  # on a GPU
     python benchmarks/bench_parse.py --stanza-dir DIR        # Stanza's downloaded English package instead
 
 Side by side in one run, one Pipeline built beforehand (its build time is printed, not counted):
-  bulk        pipeline.parse.parse_captions over all N captions (bulk_process, --batch-size captions per call)
-  one-by-one  the same function called once per caption, on the first --n-single captions
-and the ratio bulk / one-by-one, that the two give the same triples, and the process's peak RSS.
+  bulk, batched decoder     pipeline.parse.parse_captions over all N captions (what the pipeline runs)
+  bulk, Stanza's decoder    the same with Stanza's per-sentence Chu-Liu-Edmonds (the code before the batched one)
+  one call per caption      the function called once per caption, on the first --n-single captions, both decoders
+  decoder alone             the parser batches' decoding only, replayed on the same network outputs both ways
+  where the time goes       network passes (tagger + parser forward), tree decoding, the rest (Python: batching,
+                            documents, triples), for the batched bulk run
+Rates are per CPU second of this process (time.process_time, robust on a shared machine: other work does not
+count) and per wall second; the ratios use CPU seconds on the CPU, wall seconds on a GPU. Every way gives the same
+triples, checked, and the decoder replay checks identical heads and relations.
 """
 from __future__ import annotations
 
@@ -22,8 +28,39 @@ sys.path.insert(0, str(ROOT))
 
 from data import load_dataset  # noqa: E402
 from pipeline.parse import ParseSettings, get_pipeline, parse_captions  # noqa: E402
+from pipeline.treedecode import decode_graph_predictions, use_batched_decoder  # noqa: E402
 
 MODELS = ROOT / "tests" / "stanza_models"
+
+
+class Clock:
+    """Wall and CPU seconds of a block."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+class NetworkTimer:
+    """CPU seconds inside the tagger's and the parser's forward passes (hooks on the two models)."""
+
+    def __init__(self, models):
+        self.cpu, self._t0, self._hooks = 0.0, 0.0, []
+        for m in models:
+            self._hooks += [m.register_forward_pre_hook(self._start), m.register_forward_hook(self._stop)]
+
+    def _start(self, *_):
+        self._t0 = time.process_time()
+
+    def _stop(self, *_):
+        self.cpu += time.process_time() - self._t0
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
 
 
 def main() -> None:
@@ -39,6 +76,7 @@ def main() -> None:
 
     import stanza
     import torch
+    from stanza.models.depparse.model import GraphParser
 
     torch.set_num_threads(args.threads)
     if args.stanza_dir:
@@ -49,36 +87,87 @@ def main() -> None:
     caps = load_dataset(args.dataset).captions[: args.n]
     texts, tokens = [c.text for c in caps], [c.tokens for c in caps]
     words = sum(len(t.split()) for t in texts)
+    on_gpu = args.device.startswith("cuda")
 
-    t = time.perf_counter()
-    get_pipeline(s, pretokenized=s.local_models or tokens[0] is not None)
-    build = time.perf_counter() - t
+    with Clock() as build:
+        nlp = get_pipeline(s, pretokenized=s.local_models or tokens[0] is not None)
+    parser = nlp.processors["depparse"].trainer.model
     parse_captions(texts[:32], tokens[:32], s)  # warm-up
 
-    t = time.perf_counter()
-    bulk = parse_captions(texts, tokens, s)
-    t_bulk = time.perf_counter() - t
+    def bulk(batched: bool):
+        use_batched_decoder(nlp, batched)
+        with Clock() as c:
+            out = parse_captions(texts, tokens, s)
+        return out, c
 
-    m = min(args.n_single, len(texts))
-    t = time.perf_counter()
-    single = [parse_captions([texts[i]], [tokens[i]], s).triples[0] for i in range(m)]
-    t_single = time.perf_counter() - t
+    def single(batched: bool):
+        use_batched_decoder(nlp, batched)
+        m = min(args.n_single, len(texts))
+        with Clock() as c:
+            out = [parse_captions([texts[i]], [tokens[i]], s).triples[0] for i in range(m)]
+        return out, c
 
-    same = sum(a == b for a, b in zip(bulk.triples[:m], single))
+    # where the time goes, and the parser batches recorded for the decoder replay
+    recorded = []
+
+    def recording(vocab, batch_size, preds, sentlens, resolve_head_constraints=False):
+        recorded.append((vocab, batch_size, preds, list(sentlens), resolve_head_constraints))
+        with Clock() as c:
+            out = decode_graph_predictions(vocab, batch_size, preds, sentlens, resolve_head_constraints)
+        recording.cpu += c.cpu
+        return out
+
+    recording.cpu = 0.0
+    net = NetworkTimer([nlp.processors["pos"].trainer.model, parser])
+    use_batched_decoder(nlp, True)
+    parser.decode_graph_predictions = recording
+    with Clock() as profiled:
+        parse_captions(texts, tokens, s)
+    net.remove()
+    use_batched_decoder(nlp, True)
+
+    new_bulk, c_new = bulk(True)
+    old_bulk, c_old = bulk(False)
+    new_single, c_new1 = single(True)
+    old_single, c_old1 = single(False)
+    use_batched_decoder(nlp, True)
+
+    with Clock() as d_old:
+        ref = [GraphParser.decode_graph_predictions(v, b, p, sl, r) for v, b, p, sl, r in recorded]
+    with Clock() as d_new:
+        got = [decode_graph_predictions(v, b, p, sl, r) for v, b, p, sl, r in recorded]
+    sents = sum(len(r[3]) for r in recorded)
+    same_trees = sum(a == b for x, y in zip(ref, got) for a, b in zip(x, y))
+
+    n, m = len(texts), len(new_single)
+    key = "wall" if on_gpu else "cpu"
+    rate = lambda k, c: k / getattr(c, key)  # noqa: E731
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    dev = s.device if s.device != "auto" else "auto"
-    if dev.startswith("cuda"):
-        dev = f"{dev} ({torch.cuda.get_device_name()})"
+    dev = f"{args.device} ({torch.cuda.get_device_name()})" if on_gpu else args.device
     print(f"stanza {stanza.__version__}, models: {'package ' + s.package if not s.local_models else 'small (tests/)'}, "
           f"device {dev}, torch threads {torch.get_num_threads()}, batch {args.batch_size} captions")
-    print(f"captions: {len(texts)} from {args.dataset} ({words / len(texts):.1f} words each)")
-    print(f"pipeline build       {build:8.2f} s (not counted)")
-    print(f"bulk                 {len(texts) / t_bulk:8.1f} captions/s  ({t_bulk:.2f} s for {len(texts)})")
-    print(f"one call per caption {m / t_single:8.1f} captions/s  ({t_single:.2f} s for {m})")
-    print(f"ratio bulk / single  {(len(texts) / t_bulk) / (m / t_single):8.2f} x")
-    print(f"same triples         {same}/{m} captions")
-    print(f"triples              {sum(map(len, bulk.triples)) / len(texts):.2f} per caption, failed {len(bulk.failed)}")
-    print(f"peak RSS             {rss_mb:8.0f} MiB")
+    print(f"captions: {n} from {args.dataset} ({words / n:.1f} words each); ratios in {key} seconds")
+    print(f"pipeline build                {build.wall:8.2f} s (not counted)")
+    print(f"{'':30}{'captions/s (cpu)':>17}{'captions/s (wall)':>19}")
+    for name, k, c in (("bulk, batched decoder", n, c_new), ("bulk, Stanza's decoder", n, c_old),
+                       ("one call each, batched", m, c_new1), ("one call each, Stanza's", m, c_old1)):
+        print(f"{name:30}{k / c.cpu:17.1f}{k / c.wall:19.1f}")
+    print(f"bulk batched / bulk Stanza's      {rate(n, c_new) / rate(n, c_old):6.2f} x")
+    print(f"bulk batched / one call, batched  {rate(n, c_new) / rate(m, c_new1):6.2f} x")
+    print(f"bulk batched / one call, Stanza's {rate(n, c_new) / rate(m, c_old1):6.2f} x")
+    print(f"bulk Stanza's / one call, Stanza's{rate(n, c_old) / rate(m, c_old1):6.2f} x  (the code before)")
+    print(f"decoder alone ({sents} sentences, {len(recorded)} parser batches): Stanza's {d_old.cpu:.3f} s, "
+          f"batched {d_new.cpu:.3f} s cpu -> {d_old.cpu / d_new.cpu:.1f} x; identical trees {same_trees}/{sents}")
+    rest = profiled.cpu - net.cpu - recording.cpu
+    print(f"batched bulk, cpu {profiled.cpu:.2f} s: network {net.cpu:.2f} s ({net.cpu / profiled.cpu:.0%}), "
+          f"tree decoding {recording.cpu:.2f} s ({recording.cpu / profiled.cpu:.0%}), "
+          f"rest of Python {rest:.2f} s ({rest / profiled.cpu:.0%})")
+    same_bulk = sum(a == b for a, b in zip(new_bulk.triples, old_bulk.triples))
+    same_single = sum(a == b for a, b in zip(new_bulk.triples[:m], new_single)) + \
+        sum(a == b for a, b in zip(new_bulk.triples[:m], old_single))
+    print(f"same triples: bulk both decoders {same_bulk}/{n}; one call each vs bulk {same_single}/{2 * m}")
+    print(f"triples {sum(map(len, new_bulk.triples)) / n:.2f} per caption, failed {len(new_bulk.failed)}; "
+          f"peak RSS {rss_mb:.0f} MiB")
 
 
 if __name__ == "__main__":

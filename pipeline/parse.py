@@ -2,7 +2,8 @@
 
 One Stanza ``Pipeline`` (tokenize, pos, lemma, depparse) per process, built once per settings and reused; the
 captions of a shard go through it ``batch_size`` documents at a time with ``Pipeline.bulk_process``, never one
-call per caption. The Pipeline itself never touches the network (``download_method=None``).
+call per caption. The Pipeline itself never touches the network (``download_method=None``). Its dependency
+trees are decoded a parser batch at a time by ``pipeline.treedecode`` (identical to Stanza's per-sentence decoder).
 
 Two ways to name the models:
   * Stanza's English package (users): models downloaded once into the resources folder (``stanza_dir``,
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .cache import cache_folder, file_sha256, write_triple_shard
 from .network import reachable
+from .treedecode import use_batched_decoder
 from .triples import DEFAULT_SKIP_RELATIONS, Triple, document_triples, parse_skip_relations
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,7 @@ def get_pipeline(s: ParseSettings, pretokenized: bool):
         nlp = stanza.Pipeline(s.lang, **kw)
     except (ResourcesFileNotFoundError, FileNotFoundError) as e:
         raise _missing(s, str(e)) from e
+    use_batched_decoder(nlp)  # Stanza's trees, decoded for a whole parser batch at once
     _PIPELINES[key] = nlp
     return nlp
 
