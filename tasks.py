@@ -170,14 +170,14 @@ class ExtractRegions(_RegionParams, luigi.WrapperTask):
     def run(self):
         import json
 
+        from pipeline.cache import write_text_atomic
         from pipeline.regions import summarize_failures
 
         summary = summarize_failures(self.region_folder())
         log.info("regions of %s: %d images in %s, %d failed", self.dataset, summary["images"], summary["folder"],
                  len(summary["failed"]))
-        with self.output().temporary_path() as tmp:
-            with open(tmp, "w") as f:
-                json.dump(summary, f, indent=2, sort_keys=True)
+        # Replaces a summary left from before a damaged shard was recomputed (Luigi's temporary_path would refuse).
+        write_text_atomic(self.output().path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------- stage 1b: sentence triples

@@ -91,11 +91,11 @@ def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
 
 
-SPACE_MARGIN = 1 << 20  # bytes kept free beyond what a file needs (file system metadata)
+SPACE_MARGIN = 64 << 10  # bytes kept free beyond what a file needs (file system metadata)
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
 
 
 def storage_error(folder: Path, name: str, e: OSError, needed: int = 0) -> CacheError:
@@ -104,7 +104,7 @@ def storage_error(folder: Path, name: str, e: OSError, needed: int = 0) -> Cache
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(folder)
         return CacheError(f"{what}: no space left on the device ({_mb(free)} free) — free at least "
-                          f"{_mb(max(needed + SPACE_MARGIN - free, 0) or needed)} there, or pass another folder "
+                          f"{_mb(max(needed + SPACE_MARGIN - free, SPACE_MARGIN))} there, or pass another folder "
                           "(--cache-dir / --run-dir) on a disk with room")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return CacheError(f"{what}: the folder is read-only ({e.strerror}) — make it writable, or pass a writable "
