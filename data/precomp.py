@@ -12,7 +12,6 @@ files: the region source ``precomp:FOLDER`` reads the same folder's features by 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import numpy as np
 from .checks import DatasetBuilder, image_path, read_text
 from .records import Dataset, DatasetError
 
-log = logging.getLogger(__name__)
 
 PREFIXES = {"train": "train", "val": "dev", "test": "test"}  # our split -> file prefix
 TEST_PREFIXES = ("test", "testall")
@@ -118,10 +116,7 @@ def read_precomp(path: Path, image_root: Path, name: str) -> Dataset:
         ids = [image_path(image_id, f"{s.caps}: image {i}") for i, image_id in enumerate(s.image_ids)]
         for i, image_id in enumerate(ids):
             out.add_image(image_id, image_id, split, f"{s.caps}: image {i}")
-        for j, text in enumerate(caption_lines(s.caps)):
-            if not text.strip():
-                log.warning("%s:%d: empty caption skipped", s.caps, j + 1)
-                continue
+        for j, text in enumerate(caption_lines(s.caps)):  # an empty line stays a caption (it has no triples)
             image_id = ids[j // PER_IMAGE]
             out.add_caption(f"{image_id}#{j % PER_IMAGE}", image_id, text, None, f"{s.caps}:{j + 1}")
     return out.build(name, image_root)

@@ -47,6 +47,16 @@ def test_precomp_folder_splits_ids_and_captions(tmp_path):
     assert [im.image_id for im in all5k.split_images("test")] == [f"testall-{i}" for i in range(4)]
 
 
+def test_an_empty_caption_line_keeps_the_lines_after_it_on_their_images(tmp_path):
+    folder = tmp_path / "pc"
+    folder.mkdir()
+    lines = [f"caption {i}" for i in range(10)]
+    lines[2] = ""
+    (folder / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    caps = load_dataset(str(folder)).captions
+    assert len(caps) == 10 and caps[2].text == "" and (caps[5].caption_id, caps[5].text) == ("test-1#0", "caption 5")
+
+
 def test_precomp_folder_errors_name_the_file(tmp_path):
     folder = tmp_path / "pc"
     write_precomp(folder, {"test": captions(2)}, DIM, ids={"test": ["a", "b", "c"]})

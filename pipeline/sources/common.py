@@ -145,11 +145,12 @@ def write_source_shard(items: Sequence[tuple[str, Any]], read: Callable[[Any], S
             if not np.isfinite(feats).all():
                 raise RowError(f"{where}: features are not finite in {feature_dtype} (largest "
                                f"{np.abs(frag['features']).max():.3g}); use --feature-dtype float32")
-        except RowError as e:
+        except Exception as e:  # noqa: BLE001 - whatever one row does, it costs only its image
+            reason = str(e) if isinstance(e, RowError) else f"{where}: cannot be used ({type(e).__name__}: {e})"
             if stop_at_first:
-                raise RowError(f"image {image_id!r}: {e}") from None
-            log.warning("image %r: %s", image_id, e)
-            failed[image_id] = str(e)
+                raise RowError(f"image {image_id!r}: {reason}") from None
+            log.warning("image %r: %s", image_id, reason)
+            failed[image_id] = reason
             continue
         rows["image_ids"].append(image_id)
         rows["image_hw"].append((row.height, row.width))
