@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import time
 
 import luigi
 
@@ -53,6 +54,69 @@ class DatasetTask(luigi.Task):
     def cache_root(self) -> str:
         return self.cache_dir or defrag().cache_dir
 
+    def checks(self) -> dict:
+        """What this task's own run() needs (pipeline.doctor checks), keyed so a graph checks each thing once."""
+        from pipeline import doctor
+
+        return {("dataset", self.dataset, self.image_root): doctor.dataset_check(self.dataset, self.image_root,
+                                                                                     self.dataset_records)}
+
+    def is_complete(self) -> bool:
+        """Luigi's completeness, without the preflight."""
+        return super().complete()
+
+    def complete(self) -> bool:
+        """The first time luigi asks (scheduling, before any work): preflight the graph's unfinished part."""
+        if "_preflight_done" not in self.__dict__:
+            self._preflight_done = True
+            _preflight(self)
+        return self.is_complete()
+
+
+_ROOTS: list = []  # the first task asked in this process (the command's)
+_PASSED: set = set()  # checks that passed in this process (a graph asks for the same ones many times)
+_WALKING: list = []  # set while a preflight walks a graph: completeness asked inside it does not preflight again
+
+
+def _unfinished_checks(task, seen: set) -> dict:
+    """The checks of every task of the graph below ``task`` that still has work to do."""
+    if task.task_id in seen:
+        return {}
+    seen.add(task.task_id)
+    try:
+        if task.is_complete():
+            return {}
+    except Exception:  # noqa: BLE001 - what broke it (dataset, models) is one of the checks collected here
+        pass
+    try:
+        deps = luigi.task.flatten(task.requires())
+    except Exception:  # noqa: BLE001 - likewise
+        deps = []
+    out = dict(task.checks()) if isinstance(task, DatasetTask) else {}
+    for dep in deps:
+        out.update(_unfinished_checks(dep, seen))
+    return out
+
+
+def _preflight(task) -> None:
+    """Raise doctor.PreflightError listing every problem of the graph's unfinished part (nothing written)."""
+    from pipeline import console, doctor
+
+    if _WALKING:
+        return
+    if not _ROOTS:  # luigi asks the command's own task first: it prints the result at the end
+        _ROOTS.append(task)
+        console.at_success(lambda: _print_result(task))
+    _WALKING.append(task)
+    try:
+        checks = {k: c for k, c in _unfinished_checks(task, set()).items() if k not in _PASSED}
+    finally:
+        _WALKING.pop()
+    problems = doctor.run_checks(checks)
+    if problems:
+        raise doctor.PreflightError(doctor.report(problems))
+    _PASSED.update(checks)
+
 
 def device_resources(device: str) -> dict[str, int]:
     """GPU tasks declare a `gpu` resource so a scheduler never puts two on one card."""
@@ -89,6 +153,18 @@ class _RegionParams(DatasetTask):
 
         return RegionConfig(self.detector, self.detector_weights, self.seed, self.feature_dtype,
                             self.max_image_side, self.min_size, self.max_size, self.amp)
+
+    def checks(self) -> dict:
+        from pipeline import doctor
+
+        def need() -> int:
+            return doctor.region_cache_bytes(len(self.dataset_records().images), 1024, self.feature_dtype)
+
+        return {**super().checks(),
+                ("detector", self.detector, self.detector_weights):
+                    doctor.detector_check(self.detector, self.detector_weights),
+                ("cache", self.cache_root, "regions"): doctor.folder_check(self.cache_root, "cache folder",
+                                                                           "--cache-dir", need)}
 
     def region_folder(self):
         from pipeline.regions import region_cache_folder
@@ -164,7 +240,7 @@ class ExtractRegions(_RegionParams, luigi.WrapperTask):
     def output(self):
         return luigi.LocalTarget(str(self.region_folder() / "summary.json"))
 
-    def complete(self):
+    def is_complete(self):
         return all(r.complete() for r in self.requires()) and self.output().exists()
 
     def run(self):
@@ -209,6 +285,18 @@ class _ParseParams(DatasetTask):
                 parser=self.stanza_parser, skip_relations=self.skip_relations, max_tokens=self.max_tokens,
                 batch_size=self.batch_size, device=self.device)
         return self._parse_settings
+
+    def checks(self) -> dict:
+        from pipeline import doctor
+
+        def need() -> int:
+            return doctor.triple_cache_bytes(len(self.dataset_records().captions))
+
+        s = self.parse_settings()
+        return {**super().checks(),
+                ("stanza", s.package, s.stanza_dir, s.tagger, s.parser): doctor.stanza_check(s),
+                ("cache", self.cache_root, "triples"): doctor.folder_check(self.cache_root, "cache folder",
+                                                                           "--cache-dir", need)}
 
     def triple_folder(self):
         """The triple cache folder of these parameters (for tasks that read it, e.g. training)."""
@@ -352,6 +440,12 @@ class TrainEmbedding(DatasetTask):
     @property
     def resources(self):
         return device_resources(self.device)
+
+    def checks(self) -> dict:
+        from pipeline import doctor
+
+        runs = self.run_dir or defrag().run_dir
+        return {**super().checks(), ("runs", runs): doctor.folder_check(runs, "runs folder", "--run-dir")}
 
     def _upstream(self):
         common = dict(dataset=self.dataset, image_root=self.image_root, cache_dir=self.cache_dir, device=self.device)
@@ -507,3 +601,49 @@ def _show_defaults(classes) -> None:
 
 _show_defaults([defrag, ExtractRegionShard, ExtractRegions, ParseShard, ParseSentences, BuildVocab, TrainEmbedding,
                 Evaluate, Report])
+
+
+# ---------------------------------------------------------------------------------- the short log
+
+def _label(task: luigi.Task) -> str:
+    index = task.param_kwargs.get("shard_index")
+    return task.task_family + ("" if index is None else f" {index}")
+
+
+@luigi.Task.event_handler(luigi.Event.START)
+def _started(task: luigi.Task) -> None:
+    from pipeline.console import open_full_log
+
+    if isinstance(task, DatasetTask):
+        open_full_log(task.cache_root)  # work starts: from here on the full log is a file
+    task._started_at = time.monotonic()
+    log.info("%s: started", _label(task))
+
+
+@luigi.Task.event_handler(luigi.Event.SUCCESS)
+def _succeeded(task: luigi.Task) -> None:
+    log.info("%s: done in %.1f s", _label(task), time.monotonic() - getattr(task, "_started_at", time.monotonic()))
+
+
+@luigi.Task.event_handler(luigi.Event.FAILURE)
+def _failed(task: luigi.Task, error: BaseException) -> None:
+    why = f"{type(error).__name__}: {error}"
+    log.error("%s failed: %s", _label(task), why, extra={"failure": f"{_label(task)} failed: {why}"})
+
+
+def _print_result(task: luigi.Task) -> None:
+    """The main job's result on stdout: the run folder, the results table, the report."""
+    if not isinstance(task, TrainEmbedding):
+        return
+    import json
+
+    folder = task.run_folder()
+    print(f"run folder: {folder}")
+    if isinstance(task, Evaluate):
+        table = folder / f"eval-{task.split}.md"
+        print(table.read_text().rstrip() if table.exists() else f"(no {table.name})")
+    else:
+        best = json.loads((folder / "summary.json").read_text()).get("best") or {}
+        print(f"best epoch {best.get('epoch')}: val rsum {(best.get('val') or {}).get('rsum')}")
+    if isinstance(task, Report):
+        print(f"report: {task.output().path}")

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -45,8 +45,12 @@ def triple_producer(run: Run) -> dict:
         return shard_info(f).producer
 
 
-def parse_query(run: Run, text: str, stanza_dir: str = "") -> list[Any]:
-    """Triples of a sentence, parsed with the settings of the run's triple cache."""
+def parse_query(run: Run, text: str, stanza: Mapping[str, str] | None = None) -> list[Any]:
+    """Triples of a sentence, parsed with the settings of the run's triple cache.
+
+    ``stanza``: the parse stage's model options (stanza_dir, tagger, parser) where the models now live; local
+    model files are otherwise found by the sha256 the cache records.
+    """
     if not text or not text.strip():
         raise QueryError("the sentence is empty: give some words, e.g. --text \"a dog runs on the grass\"")
     producer = triple_producer(run)
@@ -55,14 +59,12 @@ def parse_query(run: Run, text: str, stanza_dir: str = "") -> list[Any]:
                          f"(producer {producer.get('parser')!r}), so free text cannot be parsed like it")
     from pipeline.parse import ParseSettings, parse_texts  # the parser, only for text queries
 
-    runtime = {"device": "cpu", "batch_size": 1}
-    if stanza_dir:
-        runtime["stanza_dir"] = stanza_dir
+    runtime = {"device": "cpu", "batch_size": 1, **(stanza or {})}
     return parse_texts([text], ParseSettings.from_producer(producer, **runtime))[0]
 
 
-def query_ids(run: Run, text: str, stanza_dir: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    triples = parse_query(run, text, stanza_dir)
+def query_ids(run: Run, text: str, stanza: Mapping[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    triples = parse_query(run, text, stanza)
     if not triples:
         raise QueryError(f"the parser found no dependency triples in {text!r} (one-word or punctuation-only "
                          "sentences have none): write a phrase with at least two related words")
@@ -91,10 +93,10 @@ def _top(scores: torch.Tensor, top: int) -> list[tuple[int, float]]:
     return [(int(i), float(scores[i])) for i in order]
 
 
-def search(run: Run, split_name: str, text: str, top: int, stanza_dir: str = "") -> dict[str, Any]:
+def search(run: Run, split_name: str, text: str, top: int, stanza: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Images ranked for a sentence."""
     split = run.store.split(split_name)
-    rel, w1, w2 = query_ids(run, text, stanza_dir)
+    rel, w1, w2 = query_ids(run, text, stanza)
     scores = rank_images(run, split, rel, w1, w2)
     ids = split.image_ids
     return {"query": {"text": text, "triples": triple_labels(run.store, rel, w1, w2)}, "split": split_name,
@@ -119,7 +121,7 @@ def annotate(run: Run, split_name: str, image_id: str, top: int) -> dict[str, An
 
 
 def explain_pair(run: Run, split_name: str, image_id: str, out: str | Path, *, text: str = "",
-                 caption_id: str = "", stanza_dir: str = "") -> dict[str, Any]:
+                 caption_id: str = "", stanza: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Alignment picture of an image with a free sentence or with one of the split's captions."""
     split = run.store.split(split_name)
     i = find_image(run, split_name, image_id)
@@ -128,7 +130,7 @@ def explain_pair(run: Run, split_name: str, image_id: str, out: str | Path, *, t
         rel, w1, w2 = caption_triples(split, j)
         text = next((c.text for c in run.dataset.captions if c.caption_id == caption_id), caption_id)
     else:
-        rel, w1, w2 = query_ids(run, text, stanza_dir)
+        rel, w1, w2 = query_ids(run, text, stanza)
     boxes, mask = region_boxes(run.store, [image_id])[image_id]
     dots, _ = alignment_dots(run, split, i, rel, w1, w2)
     labels = triple_labels(run.store, rel, w1, w2)
@@ -168,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(or of --image with --text)")
     p.add_argument("--dataset", help="dataset name or file (default: the one the run records)")
     p.add_argument("--image-root", default=None)
-    p.add_argument("--stanza-dir", default="", help="Stanza resources folder (when the cache used a package)")
+    p.add_argument("--stanza-dir", default="", help="Stanza resources folder (a package), or a folder holding the "
+                   "local model files (found by their sha256)")
+    p.add_argument("--stanza-tagger", default="", help="local POS model file the cache was parsed with")
+    p.add_argument("--stanza-parser", default="", help="local dependency parser model file")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     args = p.parse_args(argv)
@@ -181,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: the sentence is empty: give some words, e.g. --text \"a dog runs on the grass\"",
               file=sys.stderr)
         return 2
+    stanza = {"stanza_dir": args.stanza_dir, "tagger": args.stanza_tagger, "parser": args.stanza_parser}
     try:
         run = open_run(args.run, dataset=args.dataset, image_root=args.image_root, device=args.device,
                        which=args.checkpoint)
@@ -188,16 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.explain:
                 p.error("--text with --image scores that pair: add --explain PNG for its picture")
             result = explain_pair(run, args.split, args.image, args.explain, text=args.text,
-                                  stanza_dir=args.stanza_dir)
+                                  stanza=stanza)
             print(json.dumps(result, indent=2) if args.json else
                   f"{result['image']} with {result['text']!r}: score {result['score']:.4f}\n"
                   f"triples: {', '.join(result['triples'])}\npicture: {result['picture']}")
             return 0
         if args.text:
-            result = search(run, args.split, args.text, args.top, args.stanza_dir)
+            result = search(run, args.split, args.text, args.top, stanza)
             if args.explain and result["results"]:
                 result["picture"] = explain_pair(run, args.split, result["results"][0]["id"], args.explain,
-                                                 text=args.text, stanza_dir=args.stanza_dir)["picture"]
+                                                 text=args.text, stanza=stanza)["picture"]
         else:
             result = annotate(run, args.split, args.image, args.top)
             if args.explain and result["results"]:

@@ -82,10 +82,13 @@ def _source(config: dict, kind: str, folder: Path) -> Path:
     if not src:
         raise RunError(f"{folder / 'config.json'} names no {kind} source: the run is from an older defrag; retrain")
     p = Path(src)
-    if not p.exists():
-        raise RunError(f"the {kind} of run {folder} ({p}) is gone (paths are relative to where training ran, "
-                       f"now {os.getcwd()}): run from that folder or rebuild the caches with the same settings")
-    return p
+    # relative to where training ran: usually the folder holding the runs folder
+    for candidate in (p, folder.parent.parent / p):
+        if candidate.exists():
+            return candidate
+    raise RunError(f"the {kind} of run {folder} ({p}, relative to the folder training ran in) is not found from "
+                   f"{os.getcwd()} nor beside the runs folder ({folder.parent.parent}): run from the folder training "
+                   "ran in, or rebuild the caches there with the same settings")
 
 
 def dataset_reference(folder: Path) -> dict | None:

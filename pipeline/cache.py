@@ -133,6 +133,8 @@ def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
     disk lacks the space, and never leave the temporary file behind."""
     path = Path(path)
     folder = make_folder(path.parent)
+    if path.name != "cache.json":
+        describe_folder(folder)  # work starts in a cache folder: it gets its cache.json first
     needed = len(data)
     free = _free_bytes(folder)
     if free and free < needed + SPACE_MARGIN:
@@ -487,15 +489,25 @@ def list_shards(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("shard-*.h5")) if folder.is_dir() else []
 
 
+_DESCRIPTIONS: dict[Path, str] = {}  # folder -> its cache.json text, written when work starts there
+
+
 def cache_folder(cache_dir: str | Path, kind: str, dataset_name: str, content: Mapping[str, Any]) -> Path:
     """``<cache_dir>/<kind>/<dataset>-<key>``: a new configuration writes beside the old one, never into it.
 
     ``content`` must hold everything that changes the shards (producer, dataset identity, shard size).
-    The folder gets a ``cache.json`` describing that content, for people browsing the cache.
+    Naming the folder writes nothing (scheduling and preflight only ask); the first shard written there (or
+    ``describe_folder``) adds a ``cache.json`` describing that content, for people browsing the cache.
     """
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(dataset_name).stem) or "dataset"
     folder = Path(cache_dir) / kind / f"{safe}-{cache_key(content)}"
-    meta = folder / "cache.json"
-    if not meta.exists():
-        write_text_atomic(meta, json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
+    _DESCRIPTIONS[folder.absolute()] = json.dumps(content, indent=2, sort_keys=True, default=str) + "\n"
     return folder
+
+
+def describe_folder(folder: str | Path) -> None:
+    """Write the folder's ``cache.json`` once, when work starts in it (a folder named by ``cache_folder``)."""
+    folder = Path(folder)
+    text = _DESCRIPTIONS.get(folder.absolute())
+    if text is not None and not (folder / "cache.json").exists():
+        write_text_atomic(folder / "cache.json", text)

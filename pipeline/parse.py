@@ -113,19 +113,25 @@ class ParseSettings:
     @classmethod
     def from_producer(cls, producer: Mapping[str, Any], **runtime: Any) -> "ParseSettings":
         """Settings that parse new text exactly as a cache was parsed (``runtime``: batch_size, device,
-        stanza_dir). Local model files must still be where the producer says, with the same hash."""
+        stanza_dir, and tagger/parser files). Local model files are found by their recorded sha256 when not
+        given: in ``stanza_dir``, the project's tests/stanza_models/ and the current folder."""
         models = producer["models"]
         kw: dict[str, Any] = {"lang": producer["lang"], "skip_relations": tuple(producer["skip_relations"]),
                               "max_tokens": producer["max_tokens"], "use_given_tokens": producer["given_tokens"]}
+        runtime = {k: v for k, v in runtime.items() if v}
         if "pos" in models:
-            kw.update(tagger=models["pos"]["path"], parser=models["depparse"]["path"])
+            folders = [runtime["stanza_dir"]] if runtime.get("stanza_dir") else []
+            for proc, key in (("pos", "tagger"), ("depparse", "parser")):
+                if key not in runtime:
+                    runtime[key] = find_model_file(models[proc], folders)
         else:
             kw["package"] = models["package"]
         kw.update(runtime)
         settings = cls(**kw)
         if settings.local_models and settings.models() != models:
-            raise StanzaModelsMissing(f"the model files named by the cache ({json.dumps(models)}) have changed: "
-                                      f"now {json.dumps(settings.models())}")
+            raise StanzaModelsMissing(f"the model files given ({json.dumps(settings.models())}) are not the ones "
+                                      f"the cache was parsed with ({json.dumps(models)}): give those files with "
+                                      "--stanza-tagger and --stanza-parser")
         return settings
 
     def describe(self) -> dict:
@@ -135,6 +141,7 @@ class ParseSettings:
 
 
 def _local_models(s: ParseSettings) -> dict:
+    """Local model files by content only (sha256), so the cache key is the same wherever the files live."""
     out = {}
     for proc, p in (("pos", s.tagger), ("depparse", s.parser)):
         path = Path(p).expanduser().resolve()
@@ -142,8 +149,46 @@ def _local_models(s: ParseSettings) -> dict:
             raise StanzaModelsMissing(f"Stanza {proc} model file {path} does not exist: give an existing file "
                                       f"(--stanza-tagger / --stanza-parser), or rebuild the project's small models "
                                       f"with tests/stanza_models/build_models.sh")
-        out[proc] = {"path": str(path), "sha256": file_sha256(path)}
+        out[proc] = {"sha256": file_sha256(path)}
     return out
+
+
+PROJECT_MODELS = Path(__file__).resolve().parents[1] / "tests" / "stanza_models"
+
+
+def find_model_file(model: Mapping[str, Any], folders: Sequence[str | Path] = ()) -> str:
+    """The path of a local model file recorded as ``{"sha256": ...}`` (older caches also name a "path"):
+    looked for in ``folders``, the project's tests/stanza_models/ and the current folder (``*.pt``)."""
+    hint = model.get("path")
+    candidates = [Path(hint)] if hint else []
+    for folder in [*folders, PROJECT_MODELS, Path.cwd()]:
+        candidates += sorted(Path(folder).expanduser().glob("*.pt"))
+    for c in candidates:
+        if c.is_file() and file_sha256(c) == model["sha256"]:
+            return str(c)
+    raise StanzaModelsMissing(f"no Stanza model file with sha256 {model['sha256']} in "
+                              f"{', '.join(str(f) for f in [*folders, PROJECT_MODELS, Path.cwd()])}: give the files "
+                              "the cache was parsed with (--stanza-tagger PATH --stanza-parser PATH, or "
+                              "--stanza-dir FOLDER holding them)")
+
+
+def stanza_host() -> str:
+    """Where Stanza downloads its models from."""
+    from stanza.resources.common import DEFAULT_RESOURCES_URL
+
+    return urllib.parse.urlparse(DEFAULT_RESOURCES_URL).hostname or ""
+
+
+def require_models(s: ParseSettings) -> None:
+    """Raise StanzaModelsMissing (naming every way out) unless the models are here or can be downloaded now."""
+    if s.local_models:
+        _local_models(s)
+        return
+    try:
+        _resolve_package(s)
+    except StanzaModelsMissing:
+        if not reachable(stanza_host())[0]:
+            raise
 
 
 def _missing(s: ParseSettings, what: str) -> StanzaModelsMissing:
@@ -167,12 +212,11 @@ def _package_models(s: ParseSettings) -> dict:
 
 def _download_package(s: ParseSettings) -> bool:
     import stanza
-    from stanza.resources.common import DEFAULT_RESOURCES_URL
 
-    host = urllib.parse.urlparse(DEFAULT_RESOURCES_URL).hostname or ""
+    host = stanza_host()
     ok, why = reachable(host)
     if not ok:
-        log.info("Stanza models missing and %s is unreachable (%s): not downloading", host, why)
+        log.debug("Stanza models missing and %s is unreachable (%s): not downloading", host, why)
         return False
     log.info("downloading Stanza %s models (package %s) into %s, once", s.lang, s.package, s.resources_dir)
     try:
@@ -303,8 +347,8 @@ def get_pipeline(s: ParseSettings, pretokenized: bool):
                               pos_batch_size=POS_BATCH_SENTENCES, depparse_batch_size=DEPPARSE_BATCH_WORDS,
                               use_gpu=device.startswith("cuda"), device=device)
     if s.local_models:
-        kw.update(dir=_minimal_resources(s.lang), pos_model_path=s.models()["pos"]["path"],
-                  depparse_model_path=s.models()["depparse"]["path"], lemma_use_identity=True,
+        kw.update(dir=_minimal_resources(s.lang), pos_model_path=str(Path(s.tagger).expanduser()),
+                  depparse_model_path=str(Path(s.parser).expanduser()), lemma_use_identity=True,
                   pos_pretrain_path=None, depparse_pretrain_path=None)
     else:
         kw.update(dir=s.resources_dir, package=s.package)

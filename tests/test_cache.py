@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache import (K_FRAGMENTS, SCHEMA_VERSION, WHOLE_IMAGE_ROW, CacheError, cache_folder, cache_key,
-                            list_shards, open_shard, read_region_shard, read_strings, read_triple_shard, shard_name,
+                            describe_folder, list_shards, open_shard, read_region_shard, read_strings,
+                            read_triple_shard, shard_name,
                             shard_ranges, write_region_shard, write_shard, write_triple_shard)
 
 PRODUCER = {"backend": "torchvision", "model": "fasterrcnn_mobilenet_v3_large_fpn", "weights": "random",
@@ -285,7 +286,9 @@ def test_cache_key_is_stable_across_dict_order():
 def test_cache_folder_is_named_by_content_and_describes_it(tmp_path):
     content = {"producer": PRODUCER, "dataset": DATASET, "shard_size": 1000}
     folder = cache_folder(tmp_path, "regions", "demo", content)
-    assert folder == tmp_path / "regions" / f"demo-{cache_key(content)}" and folder.is_dir()
+    assert folder == tmp_path / "regions" / f"demo-{cache_key(content)}"
+    assert not folder.exists()  # naming a folder (scheduling, preflight) writes nothing
+    describe_folder(folder)
     assert json.loads((folder / "cache.json").read_text()) == content
     assert cache_folder(tmp_path, "regions", "demo", dict(reversed(content.items()))) == folder
     other = cache_folder(tmp_path, "regions", "demo", content | {"shard_size": 500})

@@ -48,3 +48,97 @@ def test_passed_through_parameters_keep_type_and_default():
     assert tasks.TrainEmbedding.region_shard_size._default == tasks.ExtractRegions.shard_size._default
     assert tasks.TrainEmbedding.detector_seed.description.startswith("ExtractRegions --seed")
     assert set(tasks.TrainEmbedding.feature_dtype._choices) == {"float16", "float32"}
+
+
+# ---------------------------------------------------------------------------------- exit status and preflight
+
+MODELS = ROOT / "tests" / "stanza_models"
+TAGGER, PARSER = MODELS / "en_ewt_tagger_small.pt", MODELS / "en_ewt_parser_small.pt"
+SMALL = ["--detector", "torchvision-mobilenet-v3-fpn", "--detector-weights", "random", "--max-image-side", "256",
+         "--min-size", "128", "--max-size", "192", "--device", "cpu", "--local-scheduler"]
+PARSE = ["--stanza-tagger", str(TAGGER), "--stanza-parser", str(PARSER)]
+CODES = {"task_failed": 30, "scheduling_error": 35}  # luigi.cfg [retcode]
+
+
+def workdir(tmp_path: Path) -> Path:
+    """A folder to run commands in, with the project's luigi.cfg and logging.cfg (read from the working folder)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("luigi.cfg", "logging.cfg"):
+        (work / name).write_text((ROOT / name).read_text())
+    return work
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {"luigi.cfg", "logging.cfg"}
+
+
+def small_dataset(tmp_path: Path, bad_image: bool = False) -> Path:
+    import json
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    lines = []
+    for i, (name, split) in enumerate([("coffee.png", "train"), ("chelsea.png", "train"), ("rocket.jpg", "val")]):
+        Image.open(ROOT / "data/demo/images" / name).save(root / name)
+        lines += [{"image": name, "caption": f"a cup of coffee on a table {i}", "split": split},
+                  {"image": name, "caption": "a cat sits on a table", "split": split}]
+    if bad_image:
+        (root / "broken.jpg").write_text("not an image")
+        lines.append({"image": "broken.jpg", "caption": "a broken picture", "split": "train"})
+    path = root / "captions.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_dataset_error_exits_non_zero_in_preflight_having_written_nothing(tmp_path):
+    work = workdir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "a cat", "split": "training"}\n')
+    out = luigi_cli("ExtractRegions", "--dataset", str(bad), *SMALL, cwd=work)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    assert "unknown split 'training'" in out.stderr and "preflight found 1 problem" in out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith("FAILED before any work")
+    assert files_under(work) == set()
+
+
+def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):
+    work = workdir(tmp_path)
+    data = small_dataset(tmp_path, bad_image=True)
+    out = luigi_cli("ExtractRegions", "--dataset", str(data), "--on-error", "fail", *SMALL, cwd=work)
+    assert out.returncode == CODES["task_failed"], out.stderr
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("FAILED: ExtractRegionShard 0 failed") and "broken.jpg" in last, last
+    log = work / last.split("Full log: ")[1]
+    assert log.is_file() and "Traceback" in log.read_text()  # the details live in the file, not on the terminal
+    assert "Traceback" not in out.stderr and "DEBUG" not in out.stderr
+
+
+def test_failed_training_exits_non_zero(tmp_path):
+    work = workdir(tmp_path)
+    data = small_dataset(tmp_path)
+    out = luigi_cli("TrainEmbedding", "--dataset", str(data), *SMALL, *PARSE, "--min-count", "1", "--epochs", "1",
+                    "--embedding-dim", "8", "--word-dim", "8", "--batch-size", "2", "--lr", "nan",
+                    "--progress", "false", cwd=work)
+    assert out.returncode == CODES["task_failed"], out.stderr
+    assert "TrainEmbedding failed" in out.stderr.rstrip().splitlines()[-1]
+    assert list((work / "cache" / "regions").iterdir())  # stage 1 finished and is kept
+
+
+def test_offline_main_job_names_both_fixes_at_once_having_written_nothing(tmp_path):
+    from pipeline.network import reachable
+
+    if reachable("download.pytorch.org")[0]:
+        pytest.skip("the network answers: the pretrained weights could be downloaded")
+    work = workdir(tmp_path)
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "STANZA_RESOURCES_DIR": str(tmp_path / "stanza")}
+    out = subprocess.run([sys.executable, "-m", "luigi", "--module", "tasks", "Report", "--dataset", "demo",
+                          "--local-scheduler"], cwd=work, env={**ENV, **env}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    assert "preflight found 2 problems" in out.stderr
+    assert "--detector-weights random" in out.stderr and "--stanza-tagger" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert files_under(work) == set() and not (tmp_path / "torch").exists()

@@ -108,6 +108,11 @@ def describe_detector(name: str = DEFAULT_DETECTOR, weights: str = "pretrained",
     return _backend(name).describe(name, weights, seed, min_size=min_size, max_size=max_size, amp=amp)
 
 
+def require_weights(name: str = DEFAULT_DETECTOR, weights: str = "pretrained") -> None:
+    """Raise DetectorError, naming the fix, unless the weights are present or can be downloaded now (seconds)."""
+    _backend(name).require_weights(name, weights)
+
+
 def build_detector(name: str = DEFAULT_DETECTOR, weights: str = "pretrained", device: str = "cpu", seed: int = 0,
                    *, min_size: int = 0, max_size: int = 0, amp: bool = False) -> Detector:
     """Build a detector in eval mode on ``device``. ``min_size``/``max_size`` 0 keep the detector's own input size."""

@@ -87,17 +87,27 @@ def build(name: str, weights: str, device: str, seed: int, *, min_size: int = 0,
     with torch.random.fork_rng(devices=[]):  # same seed -> same weights for "random"
         torch.manual_seed(seed)
         model = build_model(cfg)
-    if kind == "pretrained" and not url:
-        raise DetectorError(f"detector {name!r}: the config names no MODEL.WEIGHTS to use as 'pretrained'; pass "
-                            "--detector-weights PATH or --detector-weights random")
     if kind != "random":
-        path = str(url) if kind == "pretrained" else weights
-        if path.startswith(("http://", "https://", "detectron2://")):
-            _require_cached_or_online(path)
-        DetectionCheckpointer(model).load(path)
+        DetectionCheckpointer(model).load(require_weights(name, weights, url))
     model.eval()
     return Detectron2Detector(model, cfg, describe(name, weights, seed, min_size=min_size, max_size=max_size,
                                                    amp=amp), amp)
+
+
+def require_weights(name: str, weights: str, url: str | None = None) -> str:
+    """The weights' path or URL; raises DetectorError (naming the fix) unless they are here or downloadable now."""
+    kind = weights_kind(weights)
+    if kind == "random":
+        return ""
+    if url is None:
+        _, url = _config(name, 0, 0)
+    if kind == "pretrained" and not url:
+        raise DetectorError(f"detector {name!r}: the config names no MODEL.WEIGHTS to use as 'pretrained'; pass "
+                            "--detector-weights PATH or --detector-weights random")
+    path = str(url) if kind == "pretrained" else weights
+    if path.startswith(("http://", "https://", "detectron2://")):
+        _require_cached_or_online(path)
+    return path
 
 
 def _require_cached_or_online(url: str) -> None:

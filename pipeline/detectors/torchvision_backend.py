@@ -52,6 +52,13 @@ def describe(name: str, weights: str, seed: int, *, min_size: int = 0, max_size:
     return out
 
 
+def require_weights(name: str, weights: str) -> None:
+    """Raise DetectorError (naming the fix) unless the weights are here or can be downloaded now."""
+    if weights_kind(weights) == "pretrained":
+        w = _weights_enum(name)
+        require_download(w.url, hub_checkpoint(w.url))
+
+
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -71,9 +78,8 @@ def build(name: str, weights: str, device: str, seed: int, *, min_size: int = 0,
     kwargs = {"min_size": min_size or DEFAULT_MIN_SIZE, "max_size": max_size or DEFAULT_MAX_SIZE}
     kind = weights_kind(weights)
     if kind == "pretrained":
-        w = _weights_enum(name)
-        require_download(w.url, hub_checkpoint(w.url))
-        model = builder(weights=w, **kwargs)
+        require_weights(name, weights)
+        model = builder(weights=_weights_enum(name), **kwargs)
     elif kind == "random":
         with torch.random.fork_rng(devices=[]):  # same seed -> same weights, global RNG left alone
             torch.manual_seed(seed)
