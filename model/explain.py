@@ -100,6 +100,7 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     ax.set_axis_off()
     renderer = fig.canvas.get_renderer()
     px_to_data = h / ax.get_window_extent(renderer).height  # image pixels per figure pixel (vertical)
+    right = ax.get_window_extent(renderer).x1  # labels end left of this: inside the picture, off the colour bar
     placed = []  # label extents so far, strongest first: a weaker label moves, never a stronger one
     for z, a in enumerate(reversed(regions)):
         x0, y0, x1, y1 = a.box
@@ -109,6 +110,9 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
         text = "\n".join(f"{lab}  {s:.2f}" for lab, s in a.triples)
         t = ax.text(x0 + 2, y0 + 2, text, va="top", ha="left", fontsize=8, color=_ink(colour), zorder=200 - z,
                     bbox={"facecolor": colour, "alpha": 0.85, "edgecolor": "none", "pad": 2})
+        overflow = t.get_window_extent(renderer).x1 - right
+        if overflow > 0:  # a label near the right edge shifts left to fit the picture
+            t.set_x(max(0.0, x0 - overflow * w / ax.get_window_extent(renderer).width))
         placed.append(_place_label(t, renderer, placed, y0 + 2, px_to_data, h))
         if t.get_position()[1] != y0 + 2:  # the label moved: a leader line keeps it tied to its box
             ax.plot([x0 + 1, x0 + 1], [y0, t.get_position()[1]], color=colour, linewidth=1, zorder=150 - z)
@@ -136,12 +140,12 @@ def _place_label(t, renderer, placed: list, y: float, px_to_data: float, h: floa
     step = t.get_window_extent(renderer).height * px_to_data
     for k in range(40):
         dy = step * ((k + 1) // 2) * (1 if k % 2 else -1)  # 0, +1, -1, +2, -2 ... heights
-        if 0 <= y + dy <= h:
+        if 0 <= y + dy <= h - step:  # the whole label inside the picture (its top is at y + dy)
             t.set_y(y + dy)
             box = t.get_window_extent(renderer)
             if not any(box.overlaps(p) for p in placed):
                 return box
-    t.set_y(y)
+    t.set_y(min(y, max(0.0, h - step)))
     return t.get_window_extent(renderer)
 
 

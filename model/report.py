@@ -21,8 +21,8 @@ from pipeline.images import ImageLoadError
 
 from .evaluate import annotation_ranks, metrics_table, search_ranks
 from .explain import draw_alignment
-from .runs import (Run, alignment_dots, caption_triples, evaluation_markdown, evaluation_result, file_stem,
-                   region_boxes, run_picture, split_scores, triple_labels)
+from .runs import (RANDOM_WEIGHTS_NOTE, Run, alignment_dots, caption_triples, evaluation_markdown,
+                   evaluation_result, file_stem, region_boxes, run_picture, split_scores, triple_labels)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ def render_html(run: Run, result: dict, annotation: list[Example], search: list[
              f"{result['checkpoint_epoch']}. Scores are the model's S<sub>kl</sub>; a right answer is shaded.</p>",
              "<h2>Retrieval</h2>", _md_table_to_html(md.split("\n\n")[1]),
              "<p>Recalls in %; ranks start at 1; ties are ranked pessimistically.</p>"]
+    if result.get("detector_weights") == "random":
+        parts.insert(3, f"<p style='color:#a00'><b>{_e(RANDOM_WEIGHTS_NOTE)}</b></p>")
     paper = result.get("published")
     if paper:  # the paper's figures, in their own labelled table under the run's
         parts.append(f"<h3>Published figures (not measured here)</h3><p>DeFrag on {_e(paper['label'])}, "

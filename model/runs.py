@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import CacheError, list_shards, read_region_shard, write_text_atomic
+from pipeline.cache import CacheError, list_shards, open_shard, read_region_shard, shard_info, write_text_atomic
 from pipeline.images import read_picture
 
 from .checkpoint import CheckpointError, checkpoint_path, load_model
@@ -155,6 +155,19 @@ def evaluate_split(run: Run, split_name: str = "test", captions_per_image: int =
     return evaluation_result(run, split_name, split_scores(run, split), captions_per_image, fold_size)
 
 
+RANDOM_WEIGHTS_NOTE = ("Detector weights were random: region features carry no meaning, so these numbers only show "
+                       "that the stages run. Use pretrained (or trained) detector weights for real results.")
+
+
+def detector_weights(run: Run) -> str:
+    """How the run's region features were made: "pretrained", "file", "random" (or "unknown")."""
+    shards = list_shards(run.store.region_folder)
+    if not shards:
+        return "unknown"
+    with open_shard(shards[0], "regions") as f:
+        return str(shard_info(f).producer.get("weights", "unknown"))
+
+
 def evaluation_result(run: Run, split_name: str, scores: Tensor, captions_per_image: int = 5,
                       fold_size: int = 1000) -> dict[str, Any]:
     """The protocols on an already scored split (n_images, n_captions), with the run's description."""
@@ -163,6 +176,7 @@ def evaluation_result(run: Run, split_name: str, scores: Tensor, captions_per_im
     out = protocol_metrics(scores[:, keep], cap_img[keep], fold_size)
     out.update({"run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
                 "captions_per_image": captions_per_image, "dataset": run.dataset.describe(),
+                "detector_weights": detector_weights(run),
                 "score": {"smooth": run.smooth, "threshold": run.threshold}})
     sizes = {s: len(run.dataset.split_images(s)) for s in ("train", "val", "test")}
     paper = published(run.dataset.name, sizes)
@@ -190,7 +204,9 @@ def evaluation_markdown(result: dict[str, Any]) -> str:
     return (f"# Retrieval on {result['dataset']['name']} / {result['split']}\n\n" + metrics_table(rows) +
             f"\nRecalls in %. Checkpoint of epoch {result['checkpoint_epoch']}; "
             f"{result['all']['n_captions']} captions ({result['captions_per_image'] or 'all'} per image); "
-            "ties ranked pessimistically.\n" + published_markdown(result))
+            "ties ranked pessimistically.\n" +
+            (f"\n**{RANDOM_WEIGHTS_NOTE}**\n" if result.get("detector_weights") == "random" else "") +
+            published_markdown(result))
 
 
 def write_evaluation(run: Run, split_name: str = "test", captions_per_image: int = 5,

@@ -159,33 +159,55 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict]:
     return out
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """curves.png: training loss (and its two terms) per step and epoch; validation recalls per epoch."""
-    import matplotlib
+def curves_figure(records: list[dict]):
+    """Training loss (and its two terms) per step and epoch; validation recalls per epoch (matplotlib Figure).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The per-step loss is the solid line on top; epoch means are markers; loss is on a log axis with several
+    labelled ticks; epochs are whole numbers; the legends sit beside the axes, never over a line.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator
 
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if steps:
-        a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="loss (steps)")
+    fig = Figure(figsize=(13, 4.2))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2, gridspec_kw={"wspace": 0.55})
+    losses = [r["loss"] for r in steps] + [r[k] for r in epochs for k in ("loss", "fragment", "global")]
     if epochs:
         x = [r["step"] for r in epochs]
-        for k in ("loss", "fragment", "global"):
-            a.plot(x, [r[k] for r in epochs], marker="o", label=f"{k} (epoch mean)")
+        for k, m in (("loss", "o"), ("fragment", "s"), ("global", "^")):
+            a.plot(x, [r[k] for r in epochs], marker=m, ls=":", lw=1, ms=5, label=f"{k} (epoch mean)", zorder=2)
         val = [r for r in epochs if r.get("val")]
         for d in ("annotation", "search"):
             for k in (1, 5, 10):
                 b.plot([r["epoch"] for r in val], [100 * r["val"][d][f"r{k}"] for r in val], marker=".",
                        ls="-" if d == "annotation" else "--", label=f"{d} R@{k}")
-    a.set_xlabel("step"), a.set_ylabel("loss / pair"), a.set_yscale("symlog"), a.legend(fontsize=7)
-    b.set_xlabel("epoch"), b.set_ylabel("val recall (%)"), b.legend(fontsize=7)
-    fig.tight_layout()
+    if steps:
+        a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.4, color="black",
+               label="loss (per step)", zorder=3)
+    if losses and min(losses) > 0:
+        a.set_yscale("log")
+        a.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        a.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        a.yaxis.set_minor_formatter(FormatStrFormatter(""))
+    a.set_xlabel("step"), a.set_ylabel("loss / pair")
+    b.set_xlabel("epoch"), b.set_ylabel("val recall (%)")
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (a, b):
+        if ax.lines:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.13, top=0.95)
+    return fig
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """curves.png (see ``curves_figure``), written atomically."""
+    fig = curves_figure(records)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -367,7 +389,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         log_lines = []
         for b, caps in enumerate(batches):
             caps = caps.to(store.device)

@@ -401,7 +401,7 @@ def parse_captions(texts: Sequence[str], tokens: Sequence[Sequence[str] | None] 
     n = len(texts)
     tokens = tokens if tokens is not None else [None] * n
     out = ParsedCaptions([[] for _ in range(n)], [0] * n, [False] * n, {})
-    with tqdm(total=n, desc=desc, unit="cap", disable=None, leave=False) as bar:
+    with tqdm(total=n, desc=desc, unit="cap", disable=None) as bar:
         for start in range(0, n, s.batch_size):
             idx = range(start, min(start + s.batch_size, n))
             inputs = {i: prepare(texts[i], tokens[i], s) for i in idx}

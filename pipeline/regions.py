@@ -225,7 +225,7 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
                 fail(image_id, f"its detections cannot be stored ({type(e).__name__}: {e})")
         window.clear()
 
-    bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img", leave=False)
+    bar = tqdm(total=len(items), desc=f"regions {Path(out_path).name}", unit="img")
     done = 0
     for image_id, loaded in _load_all(items, max_image_side, root):
         if isinstance(loaded, ImageLoadError):

@@ -57,6 +57,8 @@ def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
     for d in ("annotation", "search"):
         assert ev["all"][d] == pytest.approx(want[d])
     assert "| Model | Image Annotation R@1 |" in (run / "eval-test.md").read_text()
+    assert "Detector weights were random" in (run / "eval-test.md").read_text()  # the numbers mean little
+    assert "Detector weights were random" in (run / "report" / "index.html").read_text()
     assert sum(1 for _ in (run / "report" / "align").glob("*.png")) >= 4
     assert len(list((tmp_path / "cache" / "regions").glob("*/shard-*.h5"))) == 1
     assert len(list((tmp_path / "cache" / "triples").glob("*/shard-*.h5"))) == 1

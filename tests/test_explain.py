@@ -69,3 +69,13 @@ def test_a_sentence_that_aligns_nowhere_still_draws(tmp_path):
     boxes, mask, dots, _ = scene()
     out = draw_alignment(Image.open(DEMO), boxes, mask, -np.abs(dots), LABELS, tmp_path / "none.png")
     assert Image.open(out).size[0] == 900
+
+
+def test_labels_stay_inside_the_picture_and_off_the_colour_bar(tmp_path):
+    boxes, mask, dots, (w, h) = scene()
+    boxes[1] = [w - 40, h - 30, w - 2, h - 2]  # a small region in the bottom-right corner, long labels
+    labels = [triple_label("nmod", "somethinglong", "anotherlongword"), LABELS[1], LABELS[2]]
+    out = draw_alignment(DEMO, boxes, mask, dots, labels, tmp_path / "corner.png", width_px=900)
+    pic = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    gap = pic[:, int(0.9 * 900) + 2:int(0.925 * 900) - 1]  # between the picture's right edge and the colour bar
+    assert (gap >= 250).all(), "a label runs past the picture's right edge"
