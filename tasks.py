@@ -160,7 +160,12 @@ class _RegionParams(DatasetTask):
         def need() -> int:
             return doctor.region_cache_bytes(len(self.dataset_records().images), 1024, self.feature_dtype)
 
-        return {**super().checks(),
+        from pipeline.sources import is_source
+
+        images = {} if is_source(self.detector) else {
+            ("images", self.dataset, self.image_root): doctor.images_check(self.dataset, self.image_root,
+                                                                           self.dataset_records)}
+        return {**super().checks(), **images,
                 ("detector", self.detector, self.detector_weights):
                     doctor.detector_check(self.detector, self.detector_weights),
                 ("cache", self.cache_root, "regions"): doctor.folder_check(self.cache_root, "cache folder",

@@ -33,11 +33,23 @@ class PreflightError(RuntimeError):
 
 
 def dataset_check(dataset: str, image_root: str = "", load: Callable[[], Any] | None = None) -> Check:
-    """The dataset reads (``load``: the caller's cached reader) and its image folder exists."""
+    """The dataset reads (``load``: the caller's cached reader)."""
     def check() -> None:
         from data import load_dataset
 
-        ds = load() if load else load_dataset(dataset, image_root or None)
+        load() if load else load_dataset(dataset, image_root or None)
+    return check
+
+
+def images_check(dataset: str, image_root: str = "", load: Callable[[], Any] | None = None) -> Check:
+    """The dataset's image folder exists (a detector reads the images; an unreadable dataset is another check's)."""
+    def check() -> None:
+        from data import load_dataset
+
+        try:
+            ds = load() if load else load_dataset(dataset, image_root or None)
+        except Exception:  # noqa: BLE001 - reported by dataset_check
+            return
         if not Path(ds.image_root).is_dir():
             raise FileNotFoundError(f"image folder {ds.image_root} of dataset {dataset} does not exist: give the "
                                     "folder the dataset's image paths are relative to with --image-root")
@@ -45,10 +57,13 @@ def dataset_check(dataset: str, image_root: str = "", load: Callable[[], Any] | 
 
 
 def detector_check(detector: str, weights: str) -> Check:
+    """A detector's weights are here or downloadable now; a feature source (butd-tsv:, precomp:) has none."""
     def check() -> None:
         from .detectors import require_weights
+        from .sources import is_source
 
-        require_weights(detector, weights)
+        if not is_source(detector):
+            require_weights(detector, weights)
     return check
 
 
@@ -132,6 +147,7 @@ def main_job_checks(dataset: str = "demo", image_root: str = "", cache_dir: str 
     from .parse import ParseSettings
 
     checks: dict[Any, Check] = {"dataset": dataset_check(dataset, image_root),
+                                "images": images_check(dataset, image_root),
                                 "detector": detector_check(detector, detector_weights),
                                 "stanza": stanza_check(parse or ParseSettings())}
     try:
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = run_checks(main_job_checks(a.dataset, a.image_root, a.cache_dir, a.run_dir, a.detector,
                                           a.detector_weights, a.feature_dtype, parse))
     if problems:
-        print(report(problems).replace("nothing was run or written. ", ""), file=sys.stderr)
+        print(report(problems).replace("; nothing was run or written. Fix", ". Fix"), file=sys.stderr)
         return 2
     print(f"everything {a.dataset} needs is in place")
     return 0

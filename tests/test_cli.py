@@ -142,3 +142,23 @@ def test_offline_main_job_names_both_fixes_at_once_having_written_nothing(tmp_pa
     assert "--detector-weights random" in out.stderr and "--stanza-tagger" in out.stderr
     assert "Traceback" not in out.stderr
     assert files_under(work) == set() and not (tmp_path / "torch").exists()
+
+
+def test_doctor_command_lists_every_problem_with_its_fix(tmp_path, capsys):
+    from pipeline import doctor
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "a cat", "split": "training"}\n')
+    assert doctor.main(["--dataset", str(bad), "--cache-dir", str(blocker / "cache"), "--run-dir", str(tmp_path),
+                        "--detector-weights", str(tmp_path / "missing.pt"), "--stanza-tagger", str(TAGGER),
+                        "--stanza-parser", str(tmp_path / "missing-parser.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "found 4 problems" in err
+    for fix in ("unknown split 'training'", "--cache-dir", "--detector-weights", "--stanza-parser"):
+        assert fix in err, fix
+    assert doctor.main(["--dataset", "demo", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path),
+                        "--detector", "torchvision-mobilenet-v3-fpn", "--detector-weights", "random",
+                        "--stanza-tagger", str(TAGGER), "--stanza-parser", str(PARSER)]) == 0
+    assert not (tmp_path / "cache").exists()
