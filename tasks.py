@@ -198,7 +198,7 @@ class _ShardTask:
 
         return luigi.LocalTarget(str(self.shard_folder() / shard_name(self.shard_index)))
 
-    def complete(self):
+    def is_complete(self):
         """Done only when the shard is whole (opens, size as recorded, completion attribute): a truncated or
         unfinished shard is recomputed."""
         from pipeline.cache import shard_complete
