@@ -310,7 +310,7 @@ def _read_shard(dataset, out_path: Path, config: RegionConfig, producer: dict[st
     """A shard from a feature source (``pipeline.sources``): rows are read, no image is opened."""
     source = open_source(config.detector, index_folder=out_path.parent)
     images = dataset.images[start:stop]
-    found = source.locate(images)
+    found = source.locate(dataset.images)  # the whole dataset: a name form two images share matches neither
     items = [(im.image_id, found.get(im.image_id)) for im in images]
     try:
         failed = write_source_shard(items, source.read, out_path, producer=producer,

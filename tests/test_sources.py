@@ -80,6 +80,15 @@ def test_tsv_rows_match_by_id_file_name_or_trailing_number():
     assert match_images(ims, rows) == {"a": "coco", "b": "flickr", "c": "f8k"}
 
 
+def test_a_shared_name_form_matches_no_image_even_across_shards(tmp_path):
+    rng = np.random.default_rng(2)
+    write_tsv(tmp_path / "f.tsv", [tsv_line(7, *image_regions(rng, 5, DIM)[:2])])
+    ds = load_dataset(str(jsonl(tmp_path / "c.jsonl", ["x/img_7.jpg", "y/img_7.jpg"])))
+    for index in (0, 1):  # one image per shard: each shard alone would see no ambiguity
+        report, block, _ = shard(tmp_path, ds, f"butd-tsv:{tmp_path}/f.tsv", shard_size=1, index=index)
+        assert block.image_ids == [] and len(report.failed) == 1
+
+
 def test_bad_rows_are_recorded_and_the_rest_is_written(tmp_path):
     rng = np.random.default_rng(1)
     good = [tsv_line(i, *image_regions(rng, 10, DIM)[:2]) for i in (1, 2)]
