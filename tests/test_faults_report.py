@@ -32,13 +32,13 @@ def run_folder(tmp_path_factory):
 
 @pytest.fixture
 def hostile_root(tmp_path):
-    """A copy of the demo images where the test image rocket.jpg is a symlink to a photo outside the root."""
+    """A copy of the demo images where the test image retina.jpg is a symlink to a photo outside the root."""
     root, outside = tmp_path / "images", tmp_path / "outside"
     shutil.copytree(DEMO, root)
     outside.mkdir()
     Image.new("RGB", (64, 48), (255, 0, 255)).save(outside / "secret.jpg")
-    (root / "rocket.jpg").unlink()
-    os.symlink(outside / "secret.jpg", root / "rocket.jpg")
+    (root / "retina.jpg").unlink()
+    os.symlink(outside / "secret.jpg", root / "retina.jpg")
     return root
 
 
@@ -54,12 +54,12 @@ def test_report_refuses_images_linked_out_of_the_root(run_folder, hostile_root, 
     assert "(no image file)" in index.read_text()
     assert all((folder / s).is_file() for s in report_images(index))
     drawn = [p.name.split("-", 1)[1] for p in (folder / "align").iterdir()]  # <tag>-<image>-<caption>-<hash>
-    assert drawn and not any(d.startswith("rocket.jpg-") for d in drawn)
+    assert drawn and not any(d.startswith("retina.jpg-") for d in drawn)
 
 
 def test_retrieve_explain_refuses_an_image_linked_out_of_the_root(run_folder, hostile_root, tmp_path, capsys):
     out = tmp_path / "pair.png"
     code = retrieve_main(["--run", str(run_folder), "--dataset", "demo", "--image-root", str(hostile_root),
-                          "--image", "rocket.jpg", "--explain", str(out)])
+                          "--image", "retina.jpg", "--explain", str(out)])
     assert code == 2 and not out.exists()
     assert "outside the image root" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def test_evaluation_files_match_metrics_of_the_objective(run):
     for d in ("annotation", "search"):
         assert result["all"][d] == pytest.approx(expect[d])
     assert result["score"] == {"smooth": 1.0, "threshold": True}
-    assert result["all"]["n_images"] == 2 and result["all"]["n_captions"] == 10
+    assert result["all"]["n_images"] == 2 and result["all"]["n_captions"] == 9
     lines = md.read_text().splitlines()
     header = next(line for line in lines if line.startswith("| Model"))
     assert header == ("| Model | Image Annotation R@1 | R@5 | R@10 | Med r | Image Search R@1 | R@5 | R@10 "
@@ -130,26 +130,26 @@ window.addEventListener("load", function () {
 
 
 def test_retrieve_ranks_captions_for_an_image(run, capsys):
-    assert retrieve_main(["--run", str(run.folder), "--image", "rocket.jpg", "--top", "3"]) == 0
+    assert retrieve_main(["--run", str(run.folder), "--image", "retina.jpg", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Captions of the test split for image rocket.jpg")
+    assert out.startswith("Captions of the test split for image retina.jpg")
     rows = [line for line in out.splitlines() if re.match(r"^\d+\s", line)]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"]
     split = run.store.split("test")
-    row = _scores(run, SMOOTH)[split.image_ids.index("rocket.jpg")]
+    row = _scores(run, SMOOTH)[split.image_ids.index("retina.jpg")]
     top = row.topk(3).values.tolist()  # the three best captions of the split, by S_kl with smooth 1
     assert [float(r.split()[1]) for r in rows] == pytest.approx(top, rel=1e-3, abs=1e-4)
 
 
 def test_retrieve_json_matches_the_score_matrix(run, capsys):
-    assert retrieve_main(["--run", str(run.folder), "--image", "chelsea.png", "--top", "10", "--json"]) == 0
+    assert retrieve_main(["--run", str(run.folder), "--image", "grass.png", "--top", "9", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     split = run.store.split("test")
-    row = _scores(run, SMOOTH)[split.image_ids.index("chelsea.png")]
-    assert len(res["results"]) == 10
+    row = _scores(run, SMOOTH)[split.image_ids.index("grass.png")]
+    assert len(res["results"]) == 9
     for r in res["results"]:
         assert r["score"] == pytest.approx(float(row[split.caption_ids.index(r["id"])]), rel=1e-5)
-        assert r["own"] == r["id"].startswith("chelsea.png#")
+        assert r["own"] == r["id"].startswith("grass.png#")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -171,7 +171,7 @@ def test_retrieve_missing_run(tmp_path, capsys):
 
 def test_retrieve_explain_writes_the_picture(run, tmp_path, capsys):
     png = tmp_path / "top.png"
-    assert retrieve_main(["--run", str(run.folder), "--image", "rocket.jpg", "--explain", str(png)]) == 0
+    assert retrieve_main(["--run", str(run.folder), "--image", "retina.jpg", "--explain", str(png)]) == 0
     assert f"alignment picture: {png}" in capsys.readouterr().out
     from PIL import Image
 
@@ -185,7 +185,7 @@ def test_retrieve_refuses_a_crafted_checkpoint_without_running_it(run, tmp_path,
     shutil.copytree(run.folder, copy, ignore=shutil.ignore_patterns("report"))
     marker = tmp_path / "ran"
     craft(copy / "checkpoint-best.pt", marker, like=torch.load(copy / "checkpoint-best.pt", weights_only=True))
-    assert retrieve_main(["--run", str(copy), "--image", "rocket.jpg"]) == 2
+    assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint-best.pt cannot be read" in err and "Traceback" not in err
     assert not marker.exists()

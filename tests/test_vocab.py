@@ -70,7 +70,7 @@ def test_luigi_parse_then_vocab_on_the_training_split_then_resume(tmp_path):
     data = load_dataset("demo")
     folder = tasks.ParseSentences(**params).triple_folder()
     shards = list_shards(folder)
-    assert len(shards) == 4  # 63 captions, 20 per shard
+    assert len(shards) == 4  # 64 captions, 20 per shard
     assert [c for s in shards for c in read_triple_shard(s).caption_ids] == [c.caption_id for c in data.captions]
 
     vocab = load_vocab(vocab_task.output().path)
