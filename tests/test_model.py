@@ -216,6 +216,16 @@ def test_store_maps_unknown_words_or_skips_them(planted):
     # skipped triples leave every other caption's triples in place
     want = {c: [t[:3] for t in ts if gone not in (t[1], t[2])] for c, ts in zip(ps.caption_ids, ps.triples)}
     assert _store_triples(skip) == want
+    # a relation outside the vocabulary: <unk> relation, or skipped with the rest of the unknowns
+    vocab = load_vocab(voc)
+    rel = vocab.relations[2]
+    vocab.relations = [r for r in vocab.relations if r != rel]
+    vocab.relation_counts = vocab.relation_counts[:len(vocab.relations)]
+    full, skip = (FragmentStore(reg, tri, vocab, ps.splits, skip_unknown=k) for k in (False, True))
+    n_rel = sum(1 for ts in ps.triples for t in ts if t[0] == rel)
+    assert int((full.rel == 0).sum()) == n_rel > 0 and full.rel.numel() == skip.rel.numel() + n_rel
+    assert _store_triples(full)[ps.caption_ids[0]] == [("<unk>" if t[0] == rel else t[0], t[1], t[2])
+                                                       for t in ps.triples[0]]
 
 
 def test_streaming_store_matches_memory(planted):
@@ -228,6 +238,13 @@ def test_streaming_store_matches_memory(planted):
         a, b = mem.split(name).images(torch.tensor(idx)), stream.split(name).images(torch.tensor(idx))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert len(stream.features.cache) <= 2  # the LRU never holds more than the budget
+    # least recently used goes first: shards 0, 1, 0, 2 leave {0, 2}; shard 0 is not read again, shard 1 is
+    lru = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes).features
+    for s in (0, 1, 0, 2, 0):
+        lru._shard(s)
+    assert list(lru.cache) == [2, 0] and lru.loads == 3
+    lru._shard(1)
+    assert list(lru.cache) == [0, 1] and lru.loads == 4
     torch.manual_seed(0)
     m = DeFrag(8, len(load_vocab(voc).words), len(load_vocab(voc).relations), h=6, d=4)
     for x, y in zip(encode(m, mem.split("val"), "cpu", batch=4), encode(m, stream.split("val"), "cpu", batch=4)):

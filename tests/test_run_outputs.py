@@ -29,11 +29,11 @@ def run(tmp_path_factory):
     return open_run(folder)
 
 
-def _scores(run, smooth: float, split_name: str = "test"):
+def _scores(run, smooth: float, split_name: str = "test", threshold: bool = True):
     """(n_images, n_captions) S_kl of a split, in one block (no chunking): an independent path."""
     split = run.store.split(split_name)
     iv, io, sv, so = encode(run.model, split)
-    return pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=smooth)
+    return pair_scores(iv, io, split.n_images, sv, so, split.n_captions, smooth=smooth, threshold=threshold)
 
 
 def test_evaluation_files_match_metrics_of_the_objective(run):
@@ -62,6 +62,12 @@ def test_evaluation_and_validation_score_with_the_runs_own_smooth(run):
         result = evaluate_split(run, name, captions_per_image=0)
         expect = retrieval_metrics(_scores(run, SMOOTH, name), split.caption_image)
         assert result["all"]["annotation"] == pytest.approx(expect["annotation"])
+    # a run trained with --threshold-global false is scored with plain dots
+    import dataclasses
+
+    plain = dataclasses.replace(run, checkpoint={**run.checkpoint,
+                                                 "config": {**run.checkpoint["config"], "threshold_global": False}})
+    torch.testing.assert_close(split_scores(plain, run.store.split("test")), _scores(run, SMOOTH, threshold=False))
     # the val recalls logged during training: the last checkpoint's model, smooth 1
     model, ckpt = load_model(run.folder, which="last")
     val = run.store.split("val")

@@ -106,13 +106,16 @@ def test_checkpoint_refusals(caches, tmp_path):
         load_checkpoint(damaged)
 
 
-def first_batch_loss(store: FragmentStore, cfg: TrainConfig, batch_store: FragmentStore | None = None) -> list[float]:
-    """Loss, fragment and global terms per pair of the trainer's first batch, recomputed here: the same
-    initialisation and batch, in-memory features, and the loop-by-definition objective (tests/objective_reference)."""
-    torch.manual_seed(cfg.seed)
-    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
-                   shared_relation=cfg.shared_relation)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)  # epoch 0
+def first_batch_loss(store: FragmentStore, cfg: TrainConfig, batch_store: FragmentStore | None = None,
+                     model: DeFrag | None = None, epoch: int = 0) -> list[float]:
+    """Loss, fragment and global terms per pair of the trainer's first batch of an epoch, recomputed here: the
+    same model (default: the initialisation) and batch, in-memory features, and the loop-by-definition objective
+    (tests/objective_reference)."""
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
+                       shared_relation=cfg.shared_relation)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # the epoch's batches: (seed, epoch)
     groups = _window_groups(batch_store.split("train"), batch_store, gen) if batch_store is not None else None
     split = store.split("train")
     caps = epoch_batches(split.caption_image, cfg.batch_size, gen, groups)[0]
@@ -199,3 +202,17 @@ def test_training_refuses_a_split_it_cannot_learn_from(tmp_path):
     with pytest.raises(ValueError, match=r"no image fragments"):
         train(cfg, reg, tri, voc, tmp_path / "runs", splits=ps.splits)
     assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def test_each_epoch_draws_its_own_batches(caches, tmp_path):
+    ps, reg, tri, voc = caches
+    store = _store(caches)
+    cfg = TrainConfig(epochs=1, max_batches=1, **{**SMALL, "batch_size": 8})
+    one = train(cfg, reg, tri, voc, tmp_path, store=store)
+    model, _ = load_model(tmp_path / one["name"], which="last")  # after epoch 1's one step
+    two = train(TrainConfig(epochs=2, max_batches=1, **{**SMALL, "batch_size": 8}), reg, tri, voc, tmp_path,
+                store=store, resume=True)
+    assert two["name"] == one["name"]
+    want = first_batch_loss(store, cfg, model=model, epoch=1)
+    assert _logged(two) == pytest.approx(want, rel=1e-4)
+    assert want != pytest.approx(first_batch_loss(store, cfg, model=model, epoch=0), rel=1e-4)  # another batch
