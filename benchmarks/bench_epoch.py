@@ -81,6 +81,63 @@ def write_cache(root: Path, n_train: int, n_val: int, dim: int, caps: int, tripl
     (root / "done").write_text("ok\n")
 
 
+class RssTimeline:
+    """This process's resident memory sampled every ``every`` seconds in a thread; ``phase(name)`` labels what
+    runs from now on, and ``peaks`` keeps each phase's highest RSS (bytes)."""
+
+    def __init__(self, every: float = 0.005):
+        import os
+        import threading
+
+        self._page, self._every, self.current, self.peaks = os.sysconf("SC_PAGE_SIZE"), every, "imports (torch)", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _note(self) -> None:
+        r = self.rss()
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), r)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._note()
+
+    def phase(self, name: str) -> None:
+        self._note()
+        self.current = name
+        self._note()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._note()
+
+
+def watch_training_phases(timeline: RssTimeline) -> None:
+    """Label the trainer's phases for the memory breakdown: steps begin when the epoch's batches are drawn,
+    validation and the checkpoint follow (wraps model.train's module functions; the benchmark only)."""
+    import model.train as mt
+
+    draw, validate = mt.epoch_batches, mt.validate
+
+    def batches(*a, **k):
+        out = draw(*a, **k)
+        timeline.phase("training steps")
+        return out
+
+    def validation(*a, **k):
+        timeline.phase("validation")
+        out = validate(*a, **k)
+        timeline.phase("checkpoint + log")
+        return out
+
+    mt.epoch_batches, mt.validate = batches, validation
+
+
 def profile_steps(store, cfg, device, steps: int) -> dict:
     """Time a few training steps under torch.profiler: share of device (or CPU) time in matrix products."""
     import torch
@@ -164,6 +221,7 @@ def main() -> None:
                         str(a.relations), "--shard-size", str(a.shard_size)], check=True)
         print(f"wrote the synthetic cache to {root} in {time.time() - t:.0f} s")
 
+    timeline = RssTimeline()
     import torch
 
     from model.store import FragmentStore
@@ -171,6 +229,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    timeline.phase("fragment store")
     t = time.time()
     store = FragmentStore(root / "regions" / "bench30k", root / "triples" / "bench30k", root / "vocab.json",
                           json.loads((root / "splits.json").read_text()),
@@ -182,8 +241,11 @@ def main() -> None:
           f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
     cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches,
                       progress=not a.no_progress)
+    timeline.phase("training setup")
+    watch_training_phases(timeline)
     with tempfile.TemporaryDirectory() as runs:
         s = train(cfg, None, None, root / "vocab.json", runs, store=store)
+    timeline.stop()
     rec = s["last"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dev = torch.device(s["device"])
@@ -194,6 +256,12 @@ def main() -> None:
     print(f"epoch: {full} batches of {cfg.batch_size} pairs, train {per * full:.1f} s ({1e3 * per:.1f} ms/batch)"
           f"{part}, validation {rec['val_seconds']:.1f} s, loss {rec['loss']:.1f}")
     print(f"peak RSS {rss / 1e9:.2f} GB = {rss / store.feature_bytes:.2f}x the cached feature bytes (target <= 1.5x)")
+    fb, prev = store.feature_bytes, 0
+    print(f"  where the peak goes (RSS sampled every 5 ms; x = multiples of the {fb / 1e9:.2f} GB of features):")
+    for name, peak in timeline.peaks.items():
+        print(f"  {name:<18} peak {peak / 1e9:6.2f} GB ({peak / fb:4.2f}x), {(peak - prev) / 1e6:+8.0f} MB over the "
+              f"phase before")
+        prev = peak
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB")
     if a.profile_steps:

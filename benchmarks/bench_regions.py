@@ -2,6 +2,7 @@
 
     python benchmarks/bench_regions.py                          # CPU, random MobileNet-v3 FPN, 8 demo photos
     python benchmarks/bench_regions.py --device cuda --detector torchvision-r50-fpn-v2 --n 64 --batch-size 8 --amp
+    python benchmarks/bench_regions.py --size-mix flickr ...    # the demo photos resized to Flickr's usual sizes
 
 Measures, on the same images, model and device:
   1. the bare detector (the library's own inference, ``model(images)``) vs defrag's extraction (detections +
@@ -32,6 +33,19 @@ from pipeline import cache  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.regions import RegionConfig, extract_shard  # noqa: E402
+
+# Flickr photos are mostly 500 px on the long side at 4:3 or 3:2, landscape more often than portrait:
+# (height, width) and share of the images in --size-mix flickr
+FLICKR_SIZES = (((375, 500), 0.45), ((500, 375), 0.25), ((333, 500), 0.20), ((500, 333), 0.10))
+
+
+def flickr_size_mix(images: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    """Each image (C, H, W) in [0, 1] resized (bilinear, antialiased) to a size drawn from FLICKR_SIZES."""
+    rng = np.random.default_rng(seed)
+    sizes, share = zip(*FLICKR_SIZES)
+    pick = rng.choice(len(sizes), len(images), p=np.asarray(share) / sum(share))
+    return [torch.nn.functional.interpolate(im[None], size=sizes[k], mode="bilinear", antialias=True,
+                                            align_corners=False)[0].clamp(0, 1) for im, k in zip(images, pick)]
 
 
 def _sync(device: str) -> None:
@@ -88,6 +102,8 @@ def main() -> None:
     ap.add_argument("--shard-images", type=int, default=1000, help="images in the shard used for bytes/image")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--images", default=str(ROOT / "data/demo/images"))
+    ap.add_argument("--size-mix", default="demo", choices=["demo", "flickr"],
+                    help="demo: the photos as they are (all sizes differ); flickr: resized to Flickr's usual sizes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +116,9 @@ def main() -> None:
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     paths = [files[i % len(files)] for i in range(args.n)]
     loaded = [load_image(p, args.max_image_side) for p in paths]
+    if args.size_mix == "flickr":
+        for im, t in zip(loaded, flickr_size_mix([im.tensor for im in loaded])):
+            im.tensor = t
     # Same batches for every method: sorted by size, as extract_shard batches them.
     order = sorted(range(len(loaded)), key=lambda i: tuple(loaded[i].tensor.shape))
     batches = [[loaded[i].tensor for i in order[s:s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
@@ -152,18 +171,20 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"# bench_regions: {args.detector} weights={args.weights} device={device} [{name}] n={n} "
           f"batch={args.batch_size} amp={args.amp} input={cfg.producer()['min_size']}/{cfg.producer()['max_size']}"
-          f" dtype={args.feature_dtype} (detector built in {build_s:.1f} s)")
+          f" dtype={args.feature_dtype} sizes={args.size_mix} (detector built in {build_s:.1f} s)")
     print(f"{'method':<44}{'seconds':>10}{'images/s':>10}{'ratio':>8}")
     rows = [("bare detector forward (model(images))", bare_s)]
     if floor_s:
         rows.append(("bare forward, post-processing emptied", floor_s))
     rows += [("extraction: 19 dets + whole, pooled features", extract_s),
              ("naive RCNN: detect, then CNN per crop (20)", naive_s),
-             ("shard end to end (load + extract + write)", shard_s)]
+             ("shard end to end (load + extract + write)" + (" *" if args.size_mix != "demo" else ""), shard_s)]
     for label, s in rows:
         print(f"{label:<44}{s:>10.3f}{n / s:>10.2f}{s / bare_s:>8.2f}")
     print(f"extraction / bare detector time: {extract_s / bare_s:.3f} (target <= 1.10)"
           + (f"; against the emptied post-processing: {extract_s / floor_s:.3f}" if floor_s else ""))
+    if args.size_mix != "demo":
+        print("* the shard row reads the photo files as they are (not resized to the size mix)")
     print(f"naive / extraction time: {naive_s / extract_s:.2f}")
     print(f"bytes per image on disk, ideal 20 x {d} x {itemsize} + boxes/scores/labels/mask/hw = {ideal:,}: "
           f"shard of {args.shard_images} images {big_size / args.shard_images:,.0f} "

@@ -117,12 +117,13 @@ def newer_than_training(run_folder: str | Path, paths: list[str | Path]) -> bool
 
 @torch.no_grad()
 def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.device,
-             captions_per_chunk: int = 1000) -> dict[str, Any] | None:
+             captions_per_chunk: int = 250, block_bytes: int = 16 * 2**20) -> dict[str, Any] | None:
     """R@1/5/10 both ways (and medr, meanr) on a split, with the model's global score S_kl.
 
     Captions are encoded and scored a chunk at a time against all image fragments, so memory holds the image
     vectors, one chunk of sentence vectors and the (n_images, n_captions) score matrix, never all of a split's
-    sentence vectors.
+    sentence vectors; the fragment dots of a chunk are scored ``block_bytes`` at a time. Small chunks keep the
+    trainer's peak memory near its data (the scores do not depend on the chunking).
     """
     from .evaluate import retrieval_metrics, score_matrix
 
@@ -136,7 +137,7 @@ def validate(model: DeFrag, split: Split, config: TrainConfig, device: torch.dev
         c1 = min(c0 + captions_per_chunk, split.n_captions)
         sv, so = encode_captions(model, split, device, c0, c1)
         scores[:, c0:c1] = score_matrix(iv, io, split.n_images, sv, so, c1 - c0,
-                                        budget_bytes=64 * 2**20, smooth=config.smooth,
+                                        budget_bytes=block_bytes, smooth=config.smooth,
                                         threshold=config.threshold_global)
     model.train(was_training)
     m = retrieval_metrics(scores, split.caption_image.cpu())

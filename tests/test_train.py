@@ -216,3 +216,14 @@ def test_each_epoch_draws_its_own_batches(caches, tmp_path):
     want = first_batch_loss(store, cfg, model=model, epoch=1)
     assert _logged(two) == pytest.approx(want, rel=1e-4)
     assert want != pytest.approx(first_batch_loss(store, cfg, model=model, epoch=0), rel=1e-4)  # another batch
+
+
+def test_validation_scores_do_not_depend_on_its_chunks(caches):
+    store = _store(caches)
+    cfg = TrainConfig(**SMALL)
+    torch.manual_seed(1)
+    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d)
+    val = store.split("val")
+    whole = validate(model, val, cfg, torch.device("cpu"), captions_per_chunk=val.n_captions, block_bytes=2**30)
+    small = validate(model, val, cfg, torch.device("cpu"), captions_per_chunk=7, block_bytes=4096)
+    assert small == whole and whole["rsum"] > 0
