@@ -489,7 +489,7 @@ class TrainEmbedding(DatasetTask):
     def output(self):
         return luigi.LocalTarget(str(self.run_folder() / "summary.json"))
 
-    def complete(self):
+    def is_complete(self):
         """Done when the run folder's summary records the asked number of epochs (--resume --epochs N goes on)."""
         from model.train import trained_epochs
 
@@ -544,7 +544,7 @@ class Evaluate(TrainEmbedding):
         return {"json": luigi.LocalTarget(str(folder / f"eval-{self.split}.json")),
                 "markdown": luigi.LocalTarget(str(folder / f"eval-{self.split}.md"))}
 
-    def complete(self):
+    def is_complete(self):
         """Outputs written after the training they describe (a resumed run is evaluated again)."""
         from model.train import newer_than_training
 

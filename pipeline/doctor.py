@@ -62,7 +62,11 @@ def detector_check(detector: str, weights: str) -> Check:
         from .detectors import require_weights
         from .sources import is_source
 
-        if not is_source(detector):
+        if is_source(detector):
+            from .sources import describe_source
+
+            describe_source(detector)  # its files exist and hold a readable row
+        else:
             require_weights(detector, weights)
     return check
 

@@ -162,3 +162,13 @@ def test_doctor_command_lists_every_problem_with_its_fix(tmp_path, capsys):
                         "--detector", "torchvision-mobilenet-v3-fpn", "--detector-weights", "random",
                         "--stanza-tagger", str(TAGGER), "--stanza-parser", str(PARSER)]) == 0
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_missing_feature_source_stops_evaluate_in_preflight(tmp_path):
+    work = workdir(tmp_path)
+    data = small_dataset(tmp_path)
+    out = luigi_cli("Evaluate", "--dataset", str(data), "--detector", f"butd-tsv:{tmp_path}/missing.tsv.*", *PARSE,
+                    "--local-scheduler", cwd=work)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    assert "preflight found 1 problem" in out.stderr and "missing.tsv.*: no such file" in out.stderr
+    assert "Traceback" not in out.stderr and files_under(work) == set()
