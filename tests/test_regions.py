@@ -182,8 +182,6 @@ def test_unknown_detector_and_missing_weights_file_name_the_choices():
         describe_detector("yolo")
     with pytest.raises(DetectorError, match="pretrained"):
         describe_detector("torchvision-r50-fpn-v2", "/no/such/weights.pth")
-    with pytest.raises(DetectorError, match="pip install"):
-        describe_detector("detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x.yaml")
 
 
 def test_pretrained_offline_fails_fast_naming_the_alternatives(tmp_path, monkeypatch):

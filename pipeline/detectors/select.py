@@ -24,12 +24,14 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, k: int, nms_thr
     ``score_thresh``) and then deduplicating: greedy NMS decides each box from higher-scoring boxes only, so NMS
     over the best ``m`` candidates is a prefix of NMS over all of them. We start with ``start`` candidates and
     double until k distinct proposals survive or the candidates run out: cheap even with score_thresh 0.
+    Boxes with a side below ``min_box`` are dropped first (torchvision's ``remove_small_boxes``); ``min_box=0``
+    keeps every nonempty box (both sides > 0: detectron2's rule, whose empty boxes overlap nothing in NMS).
     """
     num_p, num_c = scores.shape
     flat_scores = scores.reshape(-1)  # (P*C,)  candidate i is proposal i // C, class i % C
     flat_boxes = boxes.reshape(-1, 4)
     wh = flat_boxes[:, 2:] - flat_boxes[:, :2]
-    valid = (flat_scores > score_thresh) & (wh >= min_box).all(dim=1)
+    valid = (flat_scores > score_thresh) & ((wh >= min_box) if min_box > 0 else (wh > 0)).all(dim=1)
     cand = torch.nonzero(valid).squeeze(1)
     order = cand[torch.argsort(flat_scores[cand], descending=True, stable=True)]
     empty = order[:0]

@@ -22,6 +22,7 @@ from torchvision.ops import boxes as box_ops
 
 from . import (by_group, Detector, DetectorError, hub_checkpoint, MAX_DETECTIONS, RegionResult, require_download,
                results_in_input_pixels, weights_identity, weights_kind)
+from .calibrate import calibrate_normalisation
 from .select import select_detections
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def build(name: str, weights: str, device: str, seed: int, *, min_size: int = 0,
         with torch.random.fork_rng(devices=[]):  # same seed -> same weights, global RNG left alone
             torch.manual_seed(seed)
             model = builder(weights=None, weights_backbone=None, **kwargs)
-            _calibrate_batchnorm(model)
+            calibrate_normalisation(model, _calibration_pass(model))
     else:
         state = _load_state_dict(weights)
         cls = state.get("roi_heads.box_predictor.cls_score.weight")
@@ -101,38 +102,15 @@ def build(name: str, weights: str, device: str, seed: int, *, min_size: int = 0,
     return TorchvisionDetector(model, desc, torch.device(device), amp)
 
 
-@torch.no_grad()
-def _calibrate_batchnorm(model: torch.nn.Module, n: int = 4, side: int = 256) -> None:
-    """Set BatchNorm running statistics from one pass over seeded smooth-noise images (random weights only).
-
-    Untrained running statistics (mean 0, var 1) do not normalise anything: through a random MobileNet-v3 the
-    signal shrinks to ~1e-8 and every region gets the same feature. One pass in BatchNorm training mode with
-    cumulative averaging makes each layer see roughly unit-variance input, as trained networks do.
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration pass
-        bn.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the statistics are part of the weights: the same on every machine and thread count
-    try:
-        coarse = torch.rand(n, 3, 8, 8)  # blobs like objects, plus fine texture
-        imgs = (torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-                * 0.8 + 0.2 * torch.rand(n, 3, side, side))
+def _calibration_pass(model: torch.nn.Module):
+    """What calibrate_normalisation runs: noise images through the backbone, RPN and box head."""
+    def run(imgs: torch.Tensor) -> None:
         batch, _ = model.transform(list(imgs))
         feats = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, feats)
         rh = model.roi_heads
         rh.box_head(rh.box_roi_pool(feats, proposals, batch.image_sizes))
-    finally:
-        torch.set_num_threads(threads)
-    for bn in bns:
-        bn.momentum = 0.1
-        bn.eval()
+    return run
 
 
 class TorchvisionDetector(Detector):
