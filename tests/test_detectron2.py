@@ -5,6 +5,7 @@ DEFRAG_REQUIRE_DETECTRON2=1, and then a failed import fails these tests instead.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -88,43 +89,40 @@ def _spread_scores(det, features: np.ndarray) -> None:
 
 
 def _reference(det, photo: str):
-    """detectron2's own answer for one photo: DefaultPredictor's instances (original pixels), one per proposal
-    (the first, best-scoring, class of each), and those detections' box features from the ROI heads, pooled at
-    DefaultPredictor's resized input. Score threshold 0 and no top-k cap: defrag's settings."""
+    """detectron2's own answer for one photo, from one DefaultPredictor call: its instances (original pixels),
+    one per proposal (the first, best-scoring, class of each), and those detections' box features from the ROI
+    heads, pooled from the backbone features of that call (resized pixels). Score threshold 0 and no top-k cap:
+    defrag's settings."""
     from detectron2.data.detection_utils import read_image
     from detectron2.structures import Boxes
 
-    pred, predictor = _predictor(det), det.model.roi_heads.box_predictor
-    kept: list[torch.Tensor] = []
+    model, predictor = det.model, det.model.roi_heads.box_predictor
+    seen: dict = {}
 
     def inference(predictions, proposals):  # detectron2's own, noting which proposal each detection came from
         out = type(predictor).inference(predictor, predictions, proposals)
-        kept.append(out[1][0])
+        seen["kept"] = out[1][0].tolist()
         return out
 
-    bgr = read_image(str(DEMO / photo), format="BGR")
+    hooks = [model.backbone.register_forward_hook(lambda m, i, o: seen.update(features=o)),
+             model.roi_heads.register_forward_hook(  # before post-processing rescales the boxes in place
+                 lambda m, i, o: seen.update(resized=o[0][0].pred_boxes.tensor.clone(), size=o[0][0].image_size))]
     predictor.inference, predictor.test_score_thresh, predictor.test_topk_per_image = inference, 0.0, -1
     try:
         with torch.inference_mode():
-            final = pred(bgr)["instances"]  # GeneralizedRCNN.inference, post-processed
-            img = bgr[:, :, ::-1] if pred.input_format == "RGB" else bgr
-            img = pred.aug.get_transform(img).apply_image(img)
-            inputs = [{"image": torch.as_tensor(img.astype("float32").transpose(2, 0, 1)), "height": bgr.shape[0],
-                       "width": bgr.shape[1]}]
-            raw = det.model.inference(inputs, do_postprocess=False)[0]  # resized pixels, same order
-            assert len(final) == len(raw) == len(kept[0])  # no empty box removed: positions line up
-            first = [i for i, p in enumerate(kept[0].tolist()) if p not in kept[0][:i].tolist()][:19]
-            final, raw = final[first], raw[first]
-            images = det.model.preprocess_image(inputs)
-            features = det.model.backbone(images.tensor)
-            h, w = images.image_sizes[0]
-            boxes = torch.cat([raw.pred_boxes.tensor, torch.tensor([[0.0, 0.0, w, h]])])
-            feats = d2b.box_features(det.model, features, [Boxes(boxes)])
+            final = _predictor(det)(read_image(str(DEMO / photo), format="BGR"))["instances"]
+            assert len(final) == len(seen["kept"])  # no empty box removed: positions line up
+            first = [i for i, p in enumerate(seen["kept"]) if p not in seen["kept"][:i]][:19]
+            h, w = seen["size"]
+            boxes = torch.cat([seen["resized"][first], torch.tensor([[0.0, 0.0, w, h]])])
+            feats = d2b.box_features(model, seen["features"], [Boxes(boxes)])
     finally:
+        for hook in hooks:
+            hook.remove()
         del predictor.inference
         predictor.test_score_thresh, predictor.test_topk_per_image = det.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, \
             det.cfg.TEST.DETECTIONS_PER_IMAGE
-    return final, feats
+    return final[first], feats
 
 
 @needs_d2
@@ -133,7 +131,7 @@ def test_stored_regions_equal_detectron2_inference(zoo, tmp_path):
     det = _detector(zoo)
     config = _config(zoo)
     # As built (calibrated random weights): 19 regions per photo, features finite in float16.
-    plain = _store(det, config, tmp_path / "plain.h5")
+    plain = _store(det, config, tmp_path / "plain.h5", PHOTOS[:1])
     assert plain.mask.all(), f"{zoo}: fewer than 19 regions: {plain.mask.sum(1)}"
     assert np.isfinite(plain.features).all() and np.abs(plain.features).max() < 6e4
 
@@ -156,11 +154,9 @@ def test_stored_regions_equal_detectron2_inference(zoo, tmp_path):
 @needs_d2
 def test_random_weights_are_reproducible_for_a_seed():
     a, b = (_config(FPN).build("cpu").model.state_dict() for _ in range(2))
-    c = _config(FPN, seed=1).build("cpu").model.state_dict()
     stats = [k for k in a if k.endswith("running_var")]
-    assert stats and all(not torch.equal(a[k], torch.ones_like(a[k]) - 1e-5) for k in stats[:3])  # calibrated
+    assert stats and all(not torch.equal(a[k], torch.ones_like(a[k]) - 1e-5) for k in stats)  # calibrated
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 @needs_d2
@@ -268,6 +264,7 @@ def test_local_config_identity_is_its_content_with_the_base_chain(tmp_path):
 
 @needs_d2
 def test_weights_files_are_validated(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=d2b.__name__)
     fpn = _detector(FPN)
     good = tmp_path / "fpn.pth"
     torch.save({"model": fpn.model.state_dict()}, good)

@@ -235,11 +235,15 @@ def _calibration_pass(model, input_format: str):
     return run
 
 
+# Not counted: FrozenBatchNorm fills running statistics missing from an old-format file with defaults.
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def load_weights(model, path: str, name: str) -> dict[str, tuple[int, int]]:
     """Load a detectron2 checkpoint (.pkl or .pth) and check it filled the detector.
 
     Returns {part: (tensors filled, tensors)} for backbone, proposal_generator and the box branch of
-    roi_heads. Raises DetectorError for a file that is not a checkpoint, or one that leaves any of those parts
+    roi_heads (weights and biases; running statistics are not counted). Raises DetectorError for a file that is not a checkpoint, or one that leaves any of those parts
     (at least partly) at its random initialisation, naming the numbers and examples.
     """
     checkpointer = _import().Checkpointer(model)
@@ -254,7 +258,7 @@ def load_weights(model, path: str, name: str) -> dict[str, tuple[int, int]]:
     skipped: list[str] = []
     for key in model.state_dict():
         part = key.split(".", 1)[0]
-        if part not in ("backbone", "proposal_generator", "roi_heads"):
+        if part not in ("backbone", "proposal_generator", "roi_heads") or key.endswith(RUNNING_STATS):
             continue
         if part == "roi_heads" and key.split(".")[1] in ("mask_head", "keypoint_head"):
             continue  # masks and keypoints are never used here
