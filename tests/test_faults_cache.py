@@ -166,8 +166,8 @@ def test_read_only_folder_is_one_line_naming_it(tiny_disk):
     with pytest.raises(CacheError, match=rf"{tiny_disk / 'regions'}: cannot write shard-00000.h5.*read-only.*"
                                          "writable"):
         _regions(tiny_disk / "regions" / shard_name(0), n=2, d=4)
-    with pytest.raises(CacheError, match="read-only"):
-        cache.cache_folder(tiny_disk / "cache", "regions", "demo", {"k": 1})
+    with pytest.raises(CacheError, match=rf"{tiny_disk / 'cache' / 'regions'}: cannot write a folder.*read-only"):
+        cache.write_text_atomic(tiny_disk / "cache" / "regions" / "summary.json", "{}")
     assert sorted(p.name for p in (tiny_disk / "regions").iterdir()) == ["keep.h5"]
 
 
