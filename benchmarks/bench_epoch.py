@@ -226,6 +226,7 @@ def main() -> None:
 
     from model.store import FragmentStore
     from model.train import TrainConfig, train
+    from pipeline.devices import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -233,7 +234,7 @@ def main() -> None:
     t = time.time()
     store = FragmentStore(root / "regions" / "bench30k", root / "triples" / "bench30k", root / "vocab.json",
                           json.loads((root / "splits.json").read_text()),
-                          memory_budget_bytes=int(a.memory_budget_gb * 2**30))
+                          memory_budget_bytes=int(a.memory_budget_gb * 2**30), device=resolve_device(a.device))
     load_s = time.time() - t
     d = store.describe()
     print(f"store: {d['train_images']} train / {d['val_images']} val images, {d['captions']} captions, "

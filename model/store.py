@@ -181,15 +181,28 @@ def _read_regions(folder: Path, producer: Mapping[str, Any] | None = None) -> di
             "row_of": np.concatenate(row_of), "shard_bytes": nbytes, "failed": failed, "dim": dims.pop()}
 
 
-def _load_features(shards: list[Path], n: int, k: int, dim: int) -> Tensor:
-    """All features in one preallocated float16 tensor, read shard by shard (no concatenated copy)."""
-    out = torch.empty((n, k, dim), dtype=torch.float16)
-    view, at = out.numpy(), 0
+def fits_on(device: str | torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` of features fit the GPU ``device`` with room to train (under 70% of its free memory)."""
+    device = torch.device(device)
+    return device.type == "cuda" and nbytes < 0.7 * torch.cuda.mem_get_info(device)[0]
+
+
+def _load_features(shards: list[Path], n: int, k: int, dim: int, device: str | torch.device = "cpu",
+                   through_host_buffer: bool | None = None) -> Tensor:
+    """All features in one preallocated float16 tensor on ``device``, read shard by shard: on the CPU straight
+    into it (no concatenated copy); elsewhere through one shard-sized host array at a time, so the host never
+    holds them all (``through_host_buffer`` forces either way; the tests run the GPU way on the CPU)."""
+    device = torch.device(device)
+    buffered = device.type != "cpu" if through_host_buffer is None else through_host_buffer
+    out = torch.empty((n, k, dim), dtype=torch.float16, device=device)
+    view, at = (None if buffered else out.numpy()), 0
     for path in shards:
         with open_shard(path, "regions") as f:
             dset = f["features"]
             m = dset.shape[0]
-            if m:
+            if m and buffered:
+                out[at:at + m].copy_(torch.from_numpy(np.asarray(dset[()], dtype=np.float16)))
+            elif m:
                 if dset.dtype == np.float16:
                     dset.read_direct(view, dest_sel=np.s_[at:at + m])
                 else:
@@ -237,12 +250,13 @@ class FragmentStore:
     out-of-vocabulary triples); otherwise they map to the vocabulary's unknown entries ("<unk>", index 0).
     Words are the triples' word forms (head, dep), as the vocabulary counts them. ``producers`` ({"regions",
     "triples"}: the shards' producer records) refuses caches made by another detector, weights or parser; every
-    shard of a folder must share one producer in any case.
+    shard of a folder must share one producer in any case. ``device``: where in-memory features are loaded,
+    shard by shard (a GPU only when they fit it; the rest of the store stays on the CPU until ``to``).
     """
 
     def __init__(self, region_folder: str | Path, triple_folder: str | Path, vocab: Any,
                  splits: Mapping[str, str], *, skip_unknown: bool = False, memory_budget_bytes: int | None = None,
-                 producers: Mapping[str, Mapping[str, Any]] | None = None):
+                 producers: Mapping[str, Mapping[str, Any]] | None = None, device: str | torch.device = "cpu"):
         self.region_folder, self.triple_folder = Path(region_folder), Path(triple_folder)
         if isinstance(vocab, (str, Path)):
             from pipeline.vocab import load_vocab
@@ -274,9 +288,10 @@ class FragmentStore:
                      feature_bytes / 1e9, memory_budget_bytes / 1e9, len(reg["shards"]))
             self.features: MemoryFeatures | ShardFeatures = ShardFeatures(
                 reg["shards"], reg["shard_of"], reg["row_of"], reg["shard_bytes"], memory_budget_bytes)
-        else:
+        else:  # straight onto a GPU that has room for them (the trainer's peak host memory stays low)
+            on = device if torch.device(device).type == "cpu" or fits_on(device, feature_bytes) else "cpu"
             self.features = MemoryFeatures(_load_features(reg["shards"], len(reg["ids"]), K_FRAGMENTS,
-                                                          self.feat_dim))
+                                                          self.feat_dim, on))
 
         self._read_triples(known, producers.get("triples"))
         self._make_splits(splits)

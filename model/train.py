@@ -30,7 +30,7 @@ from .batches import epoch_batches
 from .checkpoint import BEST, LAST, CheckpointError, CheckpointUnreadable, load_checkpoint, save_checkpoint
 from .defrag import DeFrag
 from .objective import defrag_cost
-from .store import FragmentStore, Split, encode_captions, encode_images
+from .store import FragmentStore, MemoryFeatures, Split, encode_captions, encode_images, fits_on
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +293,12 @@ def _place(store: FragmentStore, device: torch.device) -> None:
     """Move the store to the GPU once when its features fit (with room to train); else gather on the CPU."""
     if device.type != "cuda":
         return
-    need = 0 if store.streaming else store.feature_bytes
-    free = torch.cuda.mem_get_info(device)[0]
-    if need < 0.7 * free:
+    loaded_there = isinstance(store.features, MemoryFeatures) and store.features.feats.is_cuda  # by the store
+    if loaded_there or fits_on(device, 0 if store.streaming else store.feature_bytes):
         store.to(device)
     else:
         log.info("features (%.2f GB) do not fit the GPU's free %.2f GB: batches are gathered on the CPU",
-                 need / 1e9, free / 1e9)
+                 store.feature_bytes / 1e9, torch.cuda.mem_get_info(device)[0] / 1e9)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -320,7 +319,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if splits is None:
             raise ValueError("train() needs the dataset's splits (image id -> split) or a built store")
         store = FragmentStore(region_folder, triple_folder, vocab_path, splits, skip_unknown=cfg.skip_unknown,
-                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30), producers=producers)
+                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30), producers=producers,
+                              device=device)
     if store.skip_unknown != cfg.skip_unknown:
         raise ValueError(f"the store was built with skip_unknown={store.skip_unknown}, the configuration asks for "
                          f"{cfg.skip_unknown}")

@@ -227,3 +227,22 @@ def test_validation_scores_do_not_depend_on_its_chunks(caches):
     whole = validate(model, val, cfg, torch.device("cpu"), captions_per_chunk=val.n_captions, block_bytes=2**30)
     small = validate(model, val, cfg, torch.device("cpu"), captions_per_chunk=7, block_bytes=4096)
     assert small == whole and whole["rsum"] > 0
+
+
+def test_features_load_the_gpu_way_equal_the_direct_read(caches):
+    """The shard-by-shard host-buffer path (how features go straight onto a GPU) gives the direct read's tensor."""
+    from model.store import _load_features, _read_regions
+
+    store = _store(caches)
+    reg = _read_regions(store.region_folder)
+    n, dim = len(reg["ids"]), reg["dim"]
+    direct = _load_features(reg["shards"], n, 20, dim, "cpu")
+    buffered = _load_features(reg["shards"], n, 20, dim, "cpu", through_host_buffer=True)
+    assert len(reg["shards"]) > 1 and torch.equal(direct, buffered) and torch.equal(direct, store.features.feats)
+    assert direct.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_store_loads_features_onto_the_gpu(caches):
+    cpu, gpu = _store(caches), _store(caches, device="cuda")
+    assert gpu.features.feats.is_cuda and torch.equal(gpu.features.feats.cpu(), cpu.features.feats)
