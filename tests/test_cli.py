@@ -172,3 +172,9 @@ def test_a_missing_feature_source_stops_evaluate_in_preflight(tmp_path):
     assert out.returncode == CODES["scheduling_error"], out.stderr
     assert "preflight found 1 problem" in out.stderr and "missing.tsv.*: no such file" in out.stderr
     assert "Traceback" not in out.stderr and files_under(work) == set()
+
+
+def test_every_task_preflights_before_its_completeness():
+    """Tasks define is_complete(); complete() (what luigi asks) stays the base one that runs the preflight."""
+    for name in ["ExtractRegionShard", "ParseShard", *TASKS]:
+        assert getattr(tasks, name).complete is tasks.DatasetTask.complete, name
