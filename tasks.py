@@ -14,6 +14,7 @@ import logging
 import time
 
 import luigi
+from luigi.cmdline_parser import CmdlineParser
 
 log = logging.getLogger("defrag.tasks")
 
@@ -104,8 +105,8 @@ def _preflight(task) -> None:
 
     if _WALKING:
         return
-    if not _ROOTS:  # luigi asks the command's own task first: it prints the result at the end
-        _ROOTS.append(task)
+    if not _ROOTS and CmdlineParser.get_instance() is not None:  # a command line (not luigi.build) asks its
+        _ROOTS.append(task)                                          # own task first: it prints the result at the end
         console.at_success(lambda: _print_result(task))
     _WALKING.append(task)
     try:

@@ -116,15 +116,21 @@ def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):
     assert "Traceback" not in out.stderr and "DEBUG" not in out.stderr
 
 
-def test_failed_training_exits_non_zero(tmp_path):
+def test_failed_training_exits_non_zero_and_a_good_one_prints_where_its_results_are(tmp_path):
     work = workdir(tmp_path)
     data = small_dataset(tmp_path)
-    out = luigi_cli("TrainEmbedding", "--dataset", str(data), *SMALL, *PARSE, "--min-count", "1", "--epochs", "1",
-                    "--embedding-dim", "8", "--word-dim", "8", "--batch-size", "2", "--lr", "nan",
-                    "--progress", "false", cwd=work)
+    train = ["--dataset", str(data), *SMALL, *PARSE, "--min-count", "1", "--epochs", "1", "--embedding-dim", "8",
+             "--word-dim", "8", "--batch-size", "2", "--progress", "false"]
+    out = luigi_cli("TrainEmbedding", *train, "--lr", "nan", cwd=work)
     assert out.returncode == CODES["task_failed"], out.stderr
     assert "TrainEmbedding failed" in out.stderr.rstrip().splitlines()[-1]
     assert list((work / "cache" / "regions").iterdir())  # stage 1 finished and is kept
+    good = luigi_cli("Evaluate", *train, "--split", "val", cwd=work)
+    assert good.returncode == 0, good.stderr
+    assert good.stderr.rstrip().splitlines()[-1] == "done."
+    lines = good.stdout.splitlines()
+    assert lines[0].startswith("run folder: runs/defrag-") and (work / lines[0].split(": ")[1]).is_dir()
+    assert "| Model | Image Annotation R@1 |" in good.stdout and "Detector weights were random" in good.stdout
 
 
 def test_offline_main_job_names_both_fixes_at_once_having_written_nothing(tmp_path):
