@@ -345,16 +345,28 @@ class ParseSentences(_ParseParams, luigi.WrapperTask):
 class BuildVocab(_ParseParams):
     """Word and relation counts over the training split's triples -> <cache_dir>/vocab/<dataset>-<key>/vocab.json."""
 
-    min_count = luigi.IntParameter(default=5, description="words seen fewer times map to <unk>")
+    min_count = luigi.IntParameter(default=5, description="words seen fewer times map to <unk> (without vectors)")
+    word_vectors = luigi.Parameter(default="auto", description="the words are every caption word these vectors "
+                                   "have: glove-6b-50d | a GloVe/word2vec text or .bin file | a .npy matrix; auto: "
+                                   "glove-6b-50d for the demo when installed; none: words counted in training")
 
     def requires(self):
-        return ParseSentences(**{k: v for k, v in self.param_kwargs.items() if k != "min_count"})
+        return ParseSentences(**{k: v for k, v in self.param_kwargs.items() if k not in ("min_count", "word_vectors")})
+
+    def vector_identity(self):
+        """The word vectors' identity (source, format, sha256, dim), or None without vectors; resolved once."""
+        from model.wordvecs import open_source, resolve_spec
+
+        if "_vectors" not in self.__dict__:
+            spec = resolve_spec(self.word_vectors, self.dataset)
+            self._vectors = open_source(spec).identity() if spec else None
+        return self._vectors
 
     def output(self):
         from pipeline.vocab import vocab_path
 
         return luigi.LocalTarget(str(vocab_path(self.cache_root, self.dataset_records().name,
-                                                self.triple_folder(), self.min_count)))
+                                                self.triple_folder(), self.min_count, self.vector_identity())))
 
     def run(self):
         from pipeline.vocab import save_vocab, vocab_from_cache
@@ -363,10 +375,18 @@ class BuildVocab(_ParseParams):
         settings = self.parse_settings()
         train = {c.caption_id for c in data.split_captions("train")}
         self.set_status_message(f"counting {len(train)} training captions")
-        vocab = vocab_from_cache(self.triple_folder(), train, self.min_count,
-                                 source={"triples": self.triple_folder().name, "dataset": data.describe(),
-                                         "split": "train"},
-                                 producer=settings.producer(), dataset=data.describe())
+        kw = dict(source={"triples": self.triple_folder().name, "dataset": data.describe(), "split": "train"},
+                  producer=settings.producer(), dataset=data.describe())
+        vectors = self.vector_identity()
+        if vectors:
+            from model.wordvecs import build_vector_vocab
+
+            vocab = build_vector_vocab(self.triple_folder(), train, vectors["source"], self.output().path, **kw)
+            log.info("vocabulary of %s: %d caption words with a %d-d vector from %s, %d relations -> %s",
+                     self.dataset, len(vocab.words) - 1, vectors["dim"], vectors["source"], len(vocab.relations),
+                     self.output().path)
+            return
+        vocab = vocab_from_cache(self.triple_folder(), train, self.min_count, **kw)
         save_vocab(vocab, self.output().path)
         log.info("vocabulary of %s: %d words (min count %d), %d relations -> %s", self.dataset,
                  len(vocab.words), self.min_count, len(vocab.relations), self.output().path)
@@ -420,10 +440,11 @@ class TrainEmbedding(DatasetTask):
     seed = luigi.IntParameter(default=0, description="initialisation and batch-order seed")
     # h and d of the paper (named so that --h does not collide with luigi's --help)
     embedding_dim = luigi.IntParameter(default=1000, description="h: size of the common fragment space")
-    word_dim = luigi.IntParameter(default=200, description="d: word vector size")
+    word_dim = luigi.IntParameter(default=0, description="d: word vector size (0: the vectors' size, else 200)")
     shared_relation = luigi.BoolParameter(default=False, description="one W_R for all relations (original code)")
-    word_vectors = luigi.Parameter(default="", description="word2vec/GloVe text file to start W_e from")
-    freeze_words = luigi.BoolParameter(default=False, description="keep the word vectors fixed")
+    word_vectors = _same_as(BuildVocab.word_vectors)
+    freeze_words = luigi.OptionalBoolParameter(default=None, description="keep W_e fixed (default: fixed with "
+                                               "word vectors, as the original; false: fine-tune them)", **_BOOL)
     skip_unknown = luigi.BoolParameter(default=False, description="drop triples with out-of-vocabulary words")
     use_fragment = luigi.BoolParameter(default=True, description="the fragment alignment objective", **_BOOL)
     use_global = luigi.BoolParameter(default=True, description="the global ranking objective", **_BOOL)
@@ -463,8 +484,8 @@ class TrainEmbedding(DatasetTask):
         parse = dict(stanza_dir=self.stanza_dir, stanza_package=self.stanza_package, stanza_tagger=self.stanza_tagger,
                      stanza_parser=self.stanza_parser, skip_relations=self.skip_relations, max_tokens=self.max_tokens,
                      shard_size=self.parse_shard_size, batch_size=self.parse_batch_size, **common)
-        return {"regions": regions, "triples": ParseSentences(**parse), "vocab": BuildVocab(min_count=self.min_count,
-                                                                                            **parse)}
+        return {"regions": regions, "triples": ParseSentences(**parse),
+                "vocab": BuildVocab(min_count=self.min_count, word_vectors=self.word_vectors, **parse)}
 
     def requires(self):
         return self._upstream()
@@ -473,7 +494,11 @@ class TrainEmbedding(DatasetTask):
         from model.train import TrainConfig
 
         alias = {"h": "embedding_dim", "d": "word_dim"}
-        return TrainConfig(**{f: getattr(self, alias.get(f, f)) for f in TrainConfig.__dataclass_fields__})
+        kw = {f: getattr(self, alias.get(f, f)) for f in TrainConfig.__dataclass_fields__}
+        vectors = self._upstream()["vocab"].vector_identity()
+        kw["word_vectors"] = vectors["source"] if vectors else ""
+        kw["d"] = self.word_dim or (vectors["dim"] if vectors else 200)  # 0: the vectors' size
+        return TrainConfig(**kw)
 
     def run_folder(self):
         """<run_dir>/<run name>: known before anything runs (Evaluate reads the model from here)."""
@@ -484,7 +509,7 @@ class TrainEmbedding(DatasetTask):
         up = self._upstream()
         keys = {"regions": up["regions"].region_folder().name, "triples": up["triples"].triple_folder().name}
         vocab_folder = Path(up["vocab"].output().path).parent.name
-        name = self.run_name or run_name(self.train_config(), keys, vocab_folder)
+        name = self.run_name or run_name(self.train_config(), keys, vocab_folder, up["vocab"].vector_identity())
         return Path(self.run_dir or defrag().run_dir) / name
 
     def output(self):

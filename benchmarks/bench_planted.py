@@ -10,6 +10,14 @@ copies of the prototypes of the words its captions mention (the words most of it
 distractor regions and the whole-image fragment (model.planted.planted_regions). Trained on the 6,000 training
 images (validation on --val-images of the dev split picks the best epoch), evaluated on the 1,000 test images
 (5,000 captions), for the rows: global only; fragment only; fragment + MIL; fragment + global + MIL.
+
+Held-out words (--held-out): why the original model keeps pretrained word vectors fixed. A planted set whose
+words are real GloVe words (--word-vectors, default the packaged glove-6b-50d); the image side follows the vectors
+(a concept's region prototype is a fixed random linear map of its vector); the test images show only concepts
+that no training caption names. Side by side: W_e learned from random over the training words (the held-out
+words are <unk> or untrained rows) vs the vectors' dictionary kept fixed, R@1/5/10 both ways on the test split.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_planted.py --held-out
 """
 from __future__ import annotations
 
@@ -75,6 +83,68 @@ def image_words(triple_folder: Path, vocab, per_image: int, rng: np.random.Gener
     return out
 
 
+HELD_OUT_FILLERS = ["a", "the", "one", "some", "this", "that", "there", "here", "very", "just"]
+
+
+def held_out_words(a) -> None:
+    """Learned random W_e vs fixed vectors on a planted set whose test images show only unseen words."""
+    import torch
+
+    from model.checkpoint import load_model
+    from model.evaluate import metrics_table, retrieval_metrics, score_matrix
+    from model.planted import synthetic_set, train_caption_ids, write_caches
+    from model.store import FragmentStore, encode
+    from model.train import TrainConfig, train
+    from model.wordvecs import build_vector_vocab, open_source, read_vectors
+    from pipeline.vocab import load_vocab
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rng = np.random.default_rng(a.seed)
+    src = open_source(a.word_vectors)
+    keys, rows, _ = read_vectors(src)
+    # concepts: plain lowercase words of middling frequency (ranks 1,000-20,000), drawn at random
+    pool = [i for i in range(1000, min(20000, len(keys))) if keys[i].isalpha() and keys[i] not in HELD_OUT_FILLERS]
+    pick = rng.choice(pool, a.concepts, replace=False)
+    concepts = [keys[i] for i in pick]
+    root = Path(a.cache_dir) / f"held-out-{a.concepts}-{a.held_out_concepts}-{a.images}-s{a.seed}"
+    ps = synthetic_set(a.images, n_concepts=a.concepts, held_out=a.held_out_concepts, concepts_per_image=3,
+                       feat_dim=a.dim, noise=a.noise, n_distractors=a.distractors, val_fraction=0.1,
+                       test_fraction=0.2, seed=a.seed, concept_vectors=rows[pick], concept_words=concepts,
+                       filler_words=HELD_OUT_FILLERS)
+    reg, tri, counted_path = write_caches(root, ps)
+    counted = load_vocab(counted_path)
+    fixed = build_vector_vocab(tri, train_caption_ids(ps), a.word_vectors, root / "vectors" / "vocab.json")
+    held = concepts[-a.held_out_concepts:]
+    print(f"planted held-out set: {a.images} images ({a.concepts - a.held_out_concepts} training concepts; the "
+          f"{sum(s == 'test' for s in ps.splits.values())} test images show only the {a.held_out_concepts} others, "
+          f"e.g. {', '.join(held[:5])}), vectors {a.word_vectors} ({src.dim}-d)")
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    results, times = {}, {}
+    rows_ = {f"Learned random W_e (training words, d {src.dim})": counted,
+             f"Fixed {a.word_vectors} (the vectors' dictionary)": fixed}
+    for name, vocab in rows_.items():
+        store = FragmentStore(reg, tri, vocab, ps.splits)
+        unseen = sum(1 for w in held if vocab.word_id(w) == 0)
+        cfg = TrainConfig(epochs=a.epochs, h=a.h, d=src.dim, lr=a.lr, optimizer="adam", batch_size=100, seed=a.seed,
+                          device=str(device), progress=False)
+        t = time.time()
+        summary = train(cfg, reg, tri, vocab, root / "runs", store=store, resume=True)
+        times[name] = time.time() - t
+        model, _ = load_model(summary["run_dir"], device)
+        test = store.split("test")
+        iv, io, sv, so = encode(model, test, device)
+        scores = score_matrix(iv, io, test.n_images, sv, so, test.n_captions, smooth=cfg.smooth)
+        results[name] = retrieval_metrics(scores, test.caption_image.cpu())
+        print(f"{name}: {len(vocab.words)} words ({unseen} of the {len(held)} held-out words are <unk>), "
+              f"{times[name]:.0f} s")
+    n_test = sum(s == "test" for s in ps.splits.values())
+    print(f"\nHeld-out words: {n_test} test images x 5 captions whose concept words no training caption uses "
+          f"(D {a.dim}, noise {a.noise}, h {a.h}, {a.epochs} epochs, Adam lr {a.lr}, {device}):\n")
+    print(metrics_table(results))
+    (root / "results.json").write_text(json.dumps({"args": vars(a), "results": results, "seconds": times}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "flickr8k"))
@@ -96,8 +166,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    ap.add_argument("--held-out", action="store_true", help="learned random W_e vs fixed word vectors on words no "
+                    "training caption uses (a planted set of real words; ignores the Flickr8k options)")
+    ap.add_argument("--word-vectors", default="glove-6b-50d", help="--held-out: the vectors (name or file)")
+    ap.add_argument("--images", type=int, default=1000, help="--held-out: images (10%% val, 20%% test)")
+    ap.add_argument("--concepts", type=int, default=300, help="--held-out: concept words")
+    ap.add_argument("--held-out-concepts", type=int, default=60, help="--held-out: concepts only test images show")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if a.held_out:
+        return held_out_words(a)
 
     import torch
 

@@ -26,13 +26,13 @@ class DeFrag(nn.Module):
         self.feat_dim, self.n_words, self.n_relations, self.h, self.d = feat_dim, n_words, n_relations, h, d
         self.shared_relation = shared_relation
         self.image_proj = nn.Linear(feat_dim, h)  # W_m, b_m
-        self.words = nn.Embedding(n_words, d)  # W_e
-        nn.init.normal_(self.words.weight, std=d ** -0.5)
-        if word_vectors is not None:
+        if word_vectors is None:
+            self.words = nn.Embedding(n_words, d)  # W_e
+            nn.init.normal_(self.words.weight, std=d ** -0.5)
+        else:  # pretrained rows; no random draw, so the other weights do not depend on the table's size
             if tuple(word_vectors.shape) != (n_words, d):
                 raise ValueError(f"word vectors have shape {tuple(word_vectors.shape)}, expected ({n_words}, {d})")
-            with torch.no_grad():
-                self.words.weight.copy_(word_vectors)
+            self.words = nn.Embedding(n_words, d, _weight=word_vectors.detach().clone().float())
         self.words.weight.requires_grad_(not freeze_words)
         n_mats = 1 if shared_relation else n_relations
         bound = (2 * d) ** -0.5  # nn.Linear's default range for fan-in 2d
@@ -41,6 +41,17 @@ class DeFrag(nn.Module):
         # how the per-relation products run: None = one padded batched matmul on CUDA (few kernel launches),
         # a loop over the relations present on the CPU (no padding flops); both give the same result
         self.relation_batched: bool | None = None
+
+    @torch.no_grad()
+    def add_words(self, rows: Tensor) -> None:
+        """Append word vectors (k, d) as rows n_words.. of W_e (a query word outside the trained vocabulary whose
+        pretrained vector is known); their gradient setting follows the existing rows."""
+        w = self.words.weight
+        grad = w.requires_grad
+        self.words = nn.Embedding(self.n_words + len(rows), self.d,
+                                  _weight=torch.cat([w.detach(), rows.to(w.device, w.dtype)]))
+        self.words.weight.requires_grad_(grad)
+        self.n_words += len(rows)
 
     def image_fragments(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """feats (N, K, D), mask (N, K) bool -> vecs (Ni, h) of the unmasked rows, owner (Ni,) image index."""

@@ -55,19 +55,39 @@ class PlantedSet:
 def synthetic_set(n_images: int, *, captions_per_image: int = 5, n_concepts: int = 40, concepts_per_image: int = 3,
                   triples_per_caption: int = 3, n_fillers: int = 10, feat_dim: int = 32, noise: float = 0.5,
                   n_distractors: int = 4, val_fraction: float = 0.2, test_fraction: float = 0.0,
-                  seed: int = 0) -> PlantedSet:
+                  seed: int = 0, held_out: int = 0, concept_vectors: np.ndarray | None = None,
+                  concept_words: Sequence[str] | None = None, filler_words: Sequence[str] | None = None) -> PlantedSet:
     """A fully synthetic planted set: each image shows ``concepts_per_image`` concepts; each caption holds
-    triples (rel, concept, filler) about some of them, fillers being words with no image signal."""
+    triples (rel, concept, filler) about some of them, fillers being words with no image signal.
+
+    ``held_out``: the last ``held_out`` concepts are shown only by the test images (which show nothing else),
+    so their words occur in no training caption. ``concept_vectors`` (n_concepts, d): the image side follows
+    word vectors: a concept's prototype is a fixed random linear map of its vector, so a model that maps vectors
+    to regions generalises to concepts it never saw. ``concept_words``/``filler_words``: real words to use.
+    """
     rng = np.random.default_rng(seed)
-    concepts = [f"c{j}" for j in range(n_concepts)]
-    fillers = [f"f{j}" for j in range(n_fillers)]
+    concepts = list(concept_words) if concept_words is not None else [f"c{j}" for j in range(n_concepts)]
+    fillers = list(filler_words) if filler_words is not None else [f"f{j}" for j in range(n_fillers)]
+    n_concepts, n_fillers = len(concepts), len(fillers)
     relations = ["amod", "det", "nsubj", "obj"]
-    protos = rng.standard_normal((n_concepts, feat_dim))
-    shown = [rng.choice(n_concepts, concepts_per_image, replace=False) for _ in range(n_images)]
-    feats, mask = planted_regions(shown, protos, rng, noise=noise, n_distractors=n_distractors)
+    if concept_vectors is None:
+        protos = rng.standard_normal((n_concepts, feat_dim))
+    else:
+        protos = np.asarray(concept_vectors, np.float64) @ rng.standard_normal((concept_vectors.shape[1], feat_dim))
+        protos /= protos.std(axis=1, keepdims=True)  # unit variance per prototype, like the random ones
     image_ids = [f"img{i:05d}" for i in range(n_images)]
     n_val, n_test = int(round(val_fraction * n_images)), int(round(test_fraction * n_images))
     split_of = ["val"] * n_val + ["test"] * n_test + ["train"] * (n_images - n_val - n_test)
+    if held_out:
+        if not 0 < held_out <= n_concepts - concepts_per_image or held_out < concepts_per_image or not n_test:
+            raise ValueError(f"held_out={held_out} needs test images and at least concepts_per_image="
+                             f"{concepts_per_image} concepts on each side of {n_concepts}")
+        seen = n_concepts - held_out
+        shown = [seen + rng.choice(held_out, concepts_per_image, replace=False) if sp == "test"
+                 else rng.choice(seen, concepts_per_image, replace=False) for sp in split_of]
+    else:
+        shown = [rng.choice(n_concepts, concepts_per_image, replace=False) for _ in range(n_images)]
+    feats, mask = planted_regions(shown, protos, rng, noise=noise, n_distractors=n_distractors)
     cap_ids, cap_imgs, texts, triples = [], [], [], []
     for i, img in enumerate(image_ids):
         for c in range(captions_per_image):
@@ -112,9 +132,13 @@ def write_caches(root: str | Path, ps: PlantedSet, *, image_shard: int = 50, cap
     return reg, tri, save_vocab(planted_vocab(ps), root / "vocab.json")
 
 
+def train_caption_ids(ps: PlantedSet) -> set[str]:
+    return {c for c, i in zip(ps.caption_ids, ps.caption_images) if ps.splits[i] == "train"}
+
+
 def planted_vocab(ps: PlantedSet, min_count: int = 1) -> Vocab:
     """The vocabulary of the training captions, counted by the project's own vocabulary code."""
-    train = {c for c, i in zip(ps.caption_ids, ps.caption_images) if ps.splits[i] == "train"}
+    train = train_caption_ids(ps)
     words, rels = Counter(), Counter()
     for cid, ts in zip(ps.caption_ids, ps.triples):
         if cid in train:

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,7 @@ from .checkpoint import CheckpointError
 from .explain import draw_alignment
 from .runs import (Run, RunError, alignment_dots, caption_triples, open_run, query_triples, rank_captions,
                    rank_images, region_boxes, run_picture, triple_labels)
+from .wordvecs import WordVectorError, lookup
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,32 @@ def parse_query(run: Run, text: str, stanza: Mapping[str, str] | None = None) ->
     return parse_texts([text], ParseSettings.from_producer(producer, **runtime))[0]
 
 
+def add_query_words(run: Run, words: Sequence[str]) -> list[str]:
+    """Words of a query that the run's dictionary lacks but its word vectors have (they never occurred in the
+    dataset's captions): their vectors are read from the source and appended to the model's W_e and the
+    vocabulary, so the query scores as with the vectors' full table. Returns the words added."""
+    vocab = run.store.vocab
+    if vocab.vectors is None:
+        return []
+    have = set(vocab.words)
+    missing = sorted({w for w in words if w not in have})
+    if not missing:
+        return []
+    keys, rows = lookup(vocab.vectors, missing)
+    if keys:
+        run.model.add_words(torch.from_numpy(rows))
+        run.store.vocab = replace(vocab, words=vocab.words + keys, word_counts=vocab.word_counts + [0] * len(keys),
+                                  vector_rows=None)
+        log.info("query words outside the dataset, embedded from %s: %s", vocab.vectors["source"], ", ".join(keys))
+    return keys
+
+
 def query_ids(run: Run, text: str, stanza: Mapping[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     triples = parse_query(run, text, stanza)
     if not triples:
         raise QueryError(f"the parser found no dependency triples in {text!r} (one-word or punctuation-only "
                          "sentences have none): write a phrase with at least two related words")
+    add_query_words(run, [w for t in triples for w in (t.head, t.dep)])
     rel, w1, w2 = query_triples(run.store, triples)
     if len(rel) == 0:
         raise QueryError(f"none of the {len(triples)} triples of {text!r} can be scored: their relations or words "
@@ -209,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.explain and result["results"]:
                 result["picture"] = explain_pair(run, args.split, args.image, args.explain,
                                                  caption_id=result["results"][0]["id"])["picture"]
-    except (QueryError, RunError, CacheError, CheckpointError, FileNotFoundError, ImageLoadError) as e:
+    except (QueryError, RunError, CacheError, CheckpointError, WordVectorError, FileNotFoundError,
+            ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the parser's missing-models error, named without importing the parser here

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,8 +51,8 @@ class TrainConfig:
     h: int = 1000
     d: int = 200
     shared_relation: bool = False
-    word_vectors: str = ""  # word2vec/GloVe text file; "" = random
-    freeze_words: bool = False
+    word_vectors: str = ""  # the vectors BuildVocab built the dictionary from (model/wordvecs.py); "" = none
+    freeze_words: bool | None = None  # None: fixed with word vectors (the original), learned without
     skip_unknown: bool = False
     # objective
     use_fragment: bool = True
@@ -77,7 +77,14 @@ class TrainConfig:
                                               "threshold_global")}
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        """The options that make a run what it is. The vectors' location is not among them: the vocabulary key
+        (in the run name and every checkpoint) carries their sha256 and dimension."""
+        out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        if out["freeze_words"] is None:
+            out["freeze_words"] = bool(self.word_vectors)
+        if self.word_vectors:
+            out["word_vectors"] = "vocabulary"
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
@@ -88,12 +95,15 @@ class TrainConfig:
         return cls(**d)
 
 
-def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str) -> str:
-    """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary.
+def run_name(config: TrainConfig, cache_keys: Mapping[str, str], vocab_key: str,
+             vectors: Mapping[str, Any] | None = None) -> str:
+    """Deterministic run folder name: a short hash of the configuration, the caches and the vocabulary; with word
+    vectors, their dimension and sha256 shown too (``-wv50-2d85b9db``).
 
     The epoch count is not part of it (``TrainConfig.RUNTIME``): ``--resume --epochs N`` finds the same run."""
-    return "defrag-" + cache_key({"config": config.identity(), "cache_keys": dict(cache_keys), "vocab": vocab_key},
+    name = "defrag-" + cache_key({"config": config.identity(), "cache_keys": dict(cache_keys), "vocab": vocab_key},
                                  length=10)
+    return name + (f"-wv{vectors['dim']}-{str(vectors['sha256'])[:8]}" if vectors else "")
 
 
 def trained_epochs(run_folder: str | Path) -> int | None:
@@ -212,8 +222,13 @@ def plot_curves(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer(model: DeFrag, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(model: DeFrag, config: TrainConfig, pretrained_words: bool = False) -> torch.optim.Optimizer:
+    """Weight decay on every trained parameter, except fine-tuned pretrained word vectors: decay would pull them
+    toward zero, away from the rows of the words training never sees (those keep their vectors exactly)."""
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if pretrained_words and model.words.weight.requires_grad:
+        params = [{"params": [p for p in params if p is not model.words.weight]},
+                  {"params": [model.words.weight], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
@@ -325,23 +340,27 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         raise ValueError(f"the store was built with skip_unknown={store.skip_unknown}, the configuration asks for "
                          f"{cfg.skip_unknown}")
     vocab_key = str(store.vocab.key)
-    name = run_name_ or run_name(cfg, store.cache_keys, vocab_key)
+    vectors = store.vocab.vectors
+    if cfg.word_vectors and vectors is None:
+        raise ValueError(f"word vectors {cfg.word_vectors!r} were asked for, but the vocabulary was counted without "
+                         "them: build it with BuildVocab --word-vectors (TrainEmbedding passes it on)")
+    if cfg.freeze_words is None:
+        cfg = replace(cfg, freeze_words=vectors is not None)  # the original: pretrained vectors stay fixed
+    if vectors is not None and int(vectors["dim"]) != cfg.d:
+        raise ValueError(f"the word vectors {vectors['source']!r} are {vectors['dim']}-d but d={cfg.d}: pass "
+                         f"--word-dim {vectors['dim']} (or leave --word-dim at 0, the vectors' size)")
+    name = run_name_ or run_name(cfg, store.cache_keys, vocab_key, vectors)
     train_split, val_split = store.split("train"), store.split("val")
     check_trainable(store, train_split)
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    word_init = None
-    if cfg.word_vectors:
-        from .wordvecs import load_word_vectors
-
-        word_init, _ = load_word_vectors(cfg.word_vectors, list(store.vocab.words), cfg.d,
-                                         torch.randn(store.n_words, cfg.d) * cfg.d ** -0.5)
+    word_init = None if vectors is None else torch.from_numpy(store.vocab.vector_rows)  # (n_words, d)
     model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
                    shared_relation=cfg.shared_relation, word_vectors=word_init,
                    freeze_words=cfg.freeze_words).to(device)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, pretrained_words=vectors is not None)
     start_epoch, best, history = 0, None, []
 
     sources = {"regions": str(region_folder), "triples": str(triple_folder), "vocab": str(vocab_path)}
@@ -366,7 +385,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         log.info("resuming %s after epoch %d", out, start_epoch)
     write_text_atomic(out / "config.json", json.dumps({"name": name, "config": asdict(cfg), "sources": sources,
                                                    "cache_keys": store.cache_keys, "vocab_key": vocab_key,
-                                                   "store": store.describe()}, indent=2) + "\n")
+                                                   "word_vectors": vectors, "store": store.describe()}, indent=2) + "\n")
     records = _read_log(out / "log.jsonl", start_epoch)
     write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 

@@ -8,7 +8,10 @@ import pytest
 from luigi.execution_summary import LuigiStatusCode
 
 import tasks
+import torch
+from model.retrieve import explain_pair
 from model.retrieve import main as retrieve_main
+from model.runs import open_run, triple_labels
 
 MODELS = Path(__file__).resolve().parent / "stanza_models"
 TAGGER, PARSER = MODELS / "en_ewt_tagger_small.pt", MODELS / "en_ewt_parser_small.pt"
@@ -18,7 +21,8 @@ def params(tmp: Path) -> dict:
     return dict(dataset="demo", cache_dir=str(tmp / "cache"), run_dir=str(tmp / "runs"), device="cpu",
                 detector="torchvision-mobilenet-v3-fpn", detector_weights="random",
                 stanza_tagger=str(TAGGER), stanza_parser=str(PARSER), min_count=1,
-                epochs=3, batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=32, word_dim=16, progress=False,
+                word_vectors="glove-6b-50d",  # the demo's default when installed (the test extra installs it)
+                epochs=3, batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=32, progress=False,
                 report_queries=2, report_top=3)
 
 

@@ -11,7 +11,6 @@ from model.batches import epoch_batches
 from model.defrag import DeFrag
 from model.planted import synthetic_set, write_caches
 from model.store import FragmentStore, encode
-from model.wordvecs import load_word_vectors
 from pipeline.cache import CacheError, open_shard, read_region_shard, shard_info, write_region_shard
 from pipeline.vocab import load_vocab
 
@@ -66,27 +65,6 @@ def test_masked_rows_never_take_part():
     feats2[~mask] = float("nan")  # whatever padding holds never reaches the output
     v2, _ = m.image_fragments(feats2, mask)
     assert torch.equal(v, v2)
-
-
-def test_word_vectors_glove_and_word2vec(tmp_path):
-    words = ["<unk>", "dog", "Cat", "ball"]
-    init = torch.zeros(4, 3)
-    glove = tmp_path / "g.txt"
-    glove.write_text("dog 1 2 3\ncat 4 5 6\nzebra 7 8 9\n")
-    out, n = load_word_vectors(glove, words, 3, init)
-    assert n == 2 and out[1].tolist() == [1, 2, 3] and out[2].tolist() == [4, 5, 6] and out[3].abs().sum() == 0
-    w2v = tmp_path / "w.txt"
-    w2v.write_text("2 3\nball 1 1 1\ndog 2 2 2\n")
-    out, n = load_word_vectors(w2v, words, 3, init)
-    assert n == 2 and out[3].tolist() == [1, 1, 1]
-    with pytest.raises(ValueError, match=r"w.txt:1: the file holds 3-d vectors.*d=4"):
-        load_word_vectors(w2v, words, 4, torch.zeros(4, 4))
-    bad = tmp_path / "bad.txt"
-    bad.write_text("dog 1 2 3\ncat 1 2\n")
-    with pytest.raises(ValueError, match=r"bad.txt:2: expected a word and 3 numbers, got 2"):
-        load_word_vectors(bad, words, 3, init)
-    m = DeFrag(4, 4, 1, h=2, d=3, word_vectors=out, freeze_words=True)
-    assert torch.equal(m.words.weight.detach(), out) and not m.words.weight.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------- store
