@@ -189,7 +189,7 @@ def _records(src: VectorSource) -> Iterator[tuple[int, str, Any]]:
             raise WordVectorError(f"{src.files[1]}: {len(words)} words for the {matrix.shape[0]} rows of {path}: "
                                   "the word list must give one word per row, in order")
         for i, w in enumerate(words):
-            yield i + 1, w, matrix[i]
+            yield i + 1, w, i  # the row, read in bulk by read_vectors
     elif src.kind == "word2vec-bin":
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             nl = mm.find(b"\n")
@@ -226,9 +226,12 @@ def _records(src: VectorSource) -> Iterator[tuple[int, str, Any]]:
                                       "binary file must end in .bin") from None
 
 
-def _values(src: VectorSource, n: int, word: str, raw: Any) -> np.ndarray:
-    if src.kind != "text":
-        v = np.asarray(raw, np.float32)
+def _values(src: VectorSource, n: int, word: str, raw: Any) -> Any:
+    """A record's vector (checked); for a .npy matrix its row index (rows are read and checked in bulk)."""
+    if src.kind == "npy":
+        return raw
+    if src.kind == "word2vec-bin":
+        v = raw
     else:
         try:
             v = np.array(raw[1:], np.float32)
@@ -246,7 +249,7 @@ def read_vectors(src: VectorSource, want: Collection[str] | None = None) -> tupl
     want = None if want is None else set(want)
     where: dict[str, tuple[int, bool]] = {}  # key -> (index in rows, exact lowercase entry)
     first_seen: dict[str, int] = {}  # exact word -> line, for duplicates
-    rows: list[np.ndarray] = []
+    rows: list[Any] = []  # vectors, or row indices of a .npy matrix
     keys: list[str] = []
     total, unused_duplicates = 0, 0
     for n, word, raw in _records(src):
@@ -265,8 +268,6 @@ def read_vectors(src: VectorSource, want: Collection[str] | None = None) -> tupl
         if key in where and (where[key][1] or not exact):
             continue  # a lowercase entry, or an earlier cased one, already gives this key
         vec = _values(src, n, word, raw)
-        if len(vec) != src.dim:
-            raise WordVectorError(f"{src.files[0]}:{n}: {len(vec)} values, the source is {src.dim}-d")
         if key in where:
             rows[where[key][0]] = vec
             where[key] = (where[key][0], True)
@@ -276,7 +277,16 @@ def read_vectors(src: VectorSource, want: Collection[str] | None = None) -> tupl
             keys.append(key)
     if unused_duplicates:
         log.warning("%s: %d words appear twice; none of them is used here", src.files[0], unused_duplicates)
-    mat = np.stack(rows) if rows else np.zeros((0, src.dim), np.float32)
+    if not rows:
+        return keys, np.zeros((0, src.dim), np.float32), total
+    if src.kind != "npy":
+        return keys, np.stack(rows), total
+    index = np.asarray(rows, np.int64)
+    mat = np.asarray(np.load(src.files[0], mmap_mode="r")[index], np.float32)
+    bad = np.flatnonzero(~np.isfinite(mat).all(axis=1))
+    if len(bad):
+        raise WordVectorError(f"{src.files[0]}: row {index[bad[0]] + 1} (word {keys[bad[0]]!r}) holds NaN or "
+                              "infinity")
     return keys, mat, total
 
 

@@ -71,6 +71,10 @@ def test_bad_sources_name_the_file_line_and_fix(tmp_path):
     (tmp_path / "m.txt").write_text("dog\ncat\n")
     with pytest.raises(WordVectorError, match=r"m.txt: 2 words for the 5 rows"):
         read_vectors(open_source(str(tmp_path / "m.npy")))
+    (tmp_path / "m.txt").write_text("\n".join(WORDS) + "\n")
+    np.save(tmp_path / "m.npy", np.where(np.arange(15).reshape(5, 3) == 7, np.nan, VECS).astype(np.float32))
+    with pytest.raises(WordVectorError, match=r"m.npy: row 3 \(word 'cat'\) holds NaN"):
+        read_vectors(open_source(str(tmp_path / "m.npy")))
     cut = write_w2v_bin(tmp_path / "cut.bin")
     cut.write_bytes(cut.read_bytes()[:-10])
     with pytest.raises(WordVectorError, match=r"cut.bin: record 5 of 5 is cut short"):
