@@ -22,7 +22,8 @@ def small_run_params(root: Path, **overrides) -> dict:
     p = dict(dataset="demo", cache_dir=str(root / "cache"), run_dir=str(root / "runs"), device="cpu",
              detector="torchvision-mobilenet-v3-fpn", detector_weights="random", max_image_side=256, min_size=128,
              max_size=192, stanza_tagger=str(TAGGER), stanza_parser=str(PARSER), min_count=1, epochs=2,
-             batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=16, word_dim=8, smooth=SMOOTH, progress=False)
+             batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=16, word_dim=8, smooth=SMOOTH, progress=False,
+             word_vectors="none")  # W_e learned (d 8), not the demo's default GloVe vectors
     p.update(overrides)
     return p
 
