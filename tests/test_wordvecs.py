@@ -12,8 +12,11 @@ from model.checkpoint import load_model
 from model.evaluate import retrieval_metrics, score_matrix
 from model.planted import synthetic_set, train_caption_ids, write_caches
 from model.store import FragmentStore, encode
+from model.retrieve import add_query_words
+from model.runs import Run, query_triples, sentence_vectors, triple_labels
 from model.train import TrainConfig, run_name, train
 from model.wordvecs import (WordVectorError, build_vector_vocab, lookup, open_source, read_vectors, resolve_spec)
+from pipeline.triples import Triple
 from pipeline.vocab import load_vocab
 
 WORDS = ["dog", "Cat", "cat", "ball", "Zebra"]
@@ -149,7 +152,7 @@ def test_vectors_define_the_dictionary_test_only_words_included(held_out, tmp_pa
 def test_kept_rows_score_like_the_full_table_and_queries_embed_new_words(held_out, tmp_path):
     ps, reg, tri, _, glove, table = held_out
     cfg = TrainConfig(epochs=2, h=16, d=12, batch_size=8, lr=1e-3, device="cpu", progress=False, seed=1)
-    scores = {}
+    scores, runs = {}, {}
     for name, full in (("kept", False), ("full", True)):
         vocab = vector_vocab(tmp_path / name, ps, tri, glove, full_table=full)
         store = FragmentStore(reg, tri, vocab, ps.splits)
@@ -164,25 +167,23 @@ def test_kept_rows_score_like_the_full_table_and_queries_embed_new_words(held_ou
             scores[name, freeze] = score_matrix(iv, io, test.n_images, sv, so, test.n_captions)
             if freeze:  # fixed vectors: W_e is the file's rows
                 np.testing.assert_array_equal(model.words.weight.detach().numpy(), vocab.vector_rows)
-            if name == "kept" and not freeze:
-                kept_model, kept_vocab = model, vocab
-            if name == "full" and not freeze:
-                full_model, full_vocab = model, vocab
+            if not freeze:
+                runs[name] = Run(Path(summary["run_dir"]), model, ckpt, {}, store, None, torch.device("cpu"))
     for freeze in (True, False):
         torch.testing.assert_close(scores["kept", freeze], scores["full", freeze], rtol=0, atol=0)
-    assert len(full_vocab.words) > len(kept_vocab.words)
+    assert len(runs["full"].store.vocab.words) > len(runs["kept"].store.vocab.words)
 
-    # a query word with a vector that no caption has ("elsewhere") is looked up in the source: the sentence
-    # vector equals the full table's, also after fine-tuning (words training never sees keep their vectors)
-    keys, rows = lookup(kept_vocab.vectors, ["elsewhere", "c39"])
+    # a query word with a vector that no caption has ("elsewhere") is looked up in the source and embedded: the
+    # sentence vector equals the full table's, also after fine-tuning (words training never sees keep their
+    # vectors); a word without a vector (c39) stays <unk>
+    keys, rows = lookup(runs["kept"].store.vocab.vectors, ["elsewhere", "c39"])
     assert keys == ["elsewhere"] and np.array_equal(rows[0], table["elsewhere"])
-    kept_model.add_words(torch.from_numpy(rows))
-    ids = {"kept": (kept_vocab.word_id("c3"), len(kept_vocab.words)),
-           "full": (full_vocab.word_id("c3"), full_vocab.word_id("elsewhere"))}
-    out = {}
-    for name, m in (("kept", kept_model), ("full", full_model)):
-        w1, w2 = (torch.tensor([i]) for i in ids[name])
-        out[name], _ = m.sentence_fragments(torch.tensor([1]), w1, w2, torch.zeros(1, dtype=torch.long))
+    query = [Triple("amod", "c3", "elsewhere", "c3", "elsewhere", 1, 2), Triple("obj", "c39", "c3", "c39", "c3", 2, 1)]
+    assert add_query_words(runs["full"], ["c3", "elsewhere", "c39"]) == []  # the full table has it already
+    assert add_query_words(runs["kept"], ["c3", "elsewhere", "c39"]) == ["elsewhere"]
+    assert triple_labels(runs["kept"].store, *query_triples(runs["kept"].store, query)) == [
+        "amod(c3, elsewhere)", "obj(<unk>, c3)"]
+    out = {name: sentence_vectors(run, *query_triples(run.store, query)) for name, run in runs.items()}
     torch.testing.assert_close(out["kept"], out["full"], rtol=0, atol=0)
 
 
