@@ -149,6 +149,18 @@ def test_vectors_define_the_dictionary_test_only_words_included(held_out, tmp_pa
     assert not (torch.cat([s1, s2]) == 0).any() and len(s1) < len(w1)  # ... or its triples are skipped
 
 
+def test_training_refuses_vectors_of_another_size_or_a_counted_vocabulary(held_out, tmp_path):
+    ps, reg, tri, counted, glove, _ = held_out
+    vocab = vector_vocab(tmp_path, ps, tri, glove)
+    cfg = dict(epochs=1, h=8, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"are 12-d but d=8: pass --word-dim 12"):
+        train(TrainConfig(d=8, **cfg), reg, tri, vocab, tmp_path / "runs", store=FragmentStore(reg, tri, vocab,
+                                                                                               ps.splits))
+    with pytest.raises(ValueError, match=r"counted without them: build it with BuildVocab --word-vectors"):
+        train(TrainConfig(d=12, word_vectors=str(glove), **cfg), reg, tri, counted, tmp_path / "runs",
+              store=FragmentStore(reg, tri, counted, ps.splits))
+
+
 def test_kept_rows_score_like_the_full_table_and_queries_embed_new_words(held_out, tmp_path):
     ps, reg, tri, _, glove, table = held_out
     cfg = TrainConfig(epochs=2, h=16, d=12, batch_size=8, lr=1e-3, device="cpu", progress=False, seed=1)
