@@ -90,6 +90,7 @@ class RssTimeline:
         import threading
 
         self._page, self._every, self.current, self.peaks = os.sysconf("SC_PAGE_SIZE"), every, "imports (torch)", {}
+        self.cpu: dict[str, float] = {}  # process CPU seconds when each phase began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -108,6 +109,7 @@ class RssTimeline:
 
     def phase(self, name: str) -> None:
         self._note()
+        self.cpu[name] = time.process_time()
         self.current = name
         self._note()
 
@@ -256,6 +258,9 @@ def main() -> None:
     part = "" if rec["batches"] == full else f" (timed {rec['batches']} of {full} batches; epoch extrapolated)"
     print(f"epoch: {full} batches of {cfg.batch_size} pairs, train {per * full:.1f} s ({1e3 * per:.1f} ms/batch)"
           f"{part}, validation {rec['val_seconds']:.1f} s, loss {rec['loss']:.1f}")
+    steps_cpu = timeline.cpu["validation"] - timeline.cpu["training steps"]
+    print(f"training steps used {1e3 * steps_cpu / rec['batches']:.0f} ms of process CPU time per batch (all threads; "
+          f"on a machine shared with other work this is steadier than wall time)")
     print(f"peak RSS {rss / 1e9:.2f} GB = {rss / store.feature_bytes:.2f}x the cached feature bytes (target <= 1.5x)")
     fb, prev = store.feature_bytes, 0
     print(f"  where the peak goes (RSS sampled every 5 ms; x = multiples of the {fb / 1e9:.2f} GB of features):")
