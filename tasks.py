@@ -575,7 +575,7 @@ class Evaluate(TrainEmbedding):
         from model.train import newer_than_training
 
         outs = luigi.task.flatten(self.output())
-        return self.requires().complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
+        return self.requires().is_complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
 
     def open_run(self):
         from model.runs import open_run, write_dataset_reference
