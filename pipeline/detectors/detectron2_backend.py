@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import (by_group, Detector, DetectorError, MAX_DETECTIONS, RegionResult, require_download,
+from . import (by_group, Detector, DetectorError, file_sha256, MAX_DETECTIONS, RegionResult, require_download,
                results_in_input_pixels, weights_identity, weights_kind)
 from .calibrate import calibrate_normalisation
 from .select import select_detections
@@ -169,8 +169,6 @@ def _pretrained(name: str, cfg, local: Path | None) -> tuple[str, str]:
                             "a detector (its RPN and box heads would stay random); set MODEL.WEIGHTS to a trained "
                             "detector checkpoint, or pass --detector-weights PATH or --detector-weights random")
     if Path(weights).is_file():
-        from ..cache import file_sha256
-
         return weights, f"sha256:{file_sha256(weights)}"
     return weights, weights
 
