@@ -77,15 +77,15 @@ class ConsoleHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.stream = sys.stderr
         self.failures: list[str] = []  # "what failed: why" (tasks log them with extra={"failure": ...})
         self.preflight = False
         self.on_success: list[Callable[[], None]] = []
         _HANDLERS.append(self)
 
     def write(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        stream = sys.stderr  # looked up each time: whoever holds stderr now (a test's capture, a redirect)
+        stream.write(text + "\n")
+        stream.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
