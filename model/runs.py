@@ -203,7 +203,9 @@ def evaluation_markdown(result: dict[str, Any]) -> str:
              f"{result['folds']['n_images']})"] = result["folds"]
     return (f"# Retrieval on {result['dataset']['name']} / {result['split']}\n\n" + metrics_table(rows) +
             f"\nRecalls in %. Checkpoint of epoch {result['checkpoint_epoch']}; "
-            f"{result['all']['n_captions']} captions ({result['captions_per_image'] or 'all'} per image); "
+            f"{result['all']['n_captions']} captions (" +
+            (f"the first {result['captions_per_image']} of each image" if result['captions_per_image'] else "all") +
+            "); "
             "ties ranked pessimistically.\n" +
             (f"\n**{RANDOM_WEIGHTS_NOTE}**\n" if result.get("detector_weights") == "random" else "") +
             published_markdown(result))
