@@ -307,6 +307,40 @@ def write_region_shard(path: str | Path, *, image_ids, image_hw, boxes, scores, 
                        shard_index=shard_index, num_shards=num_shards)
 
 
+class RegionRows:
+    """Images' 20-row layouts gathered in order for one region shard: detectors and feature sources fill it alike."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels",
+                                                         "mask", "features")}
+
+    def __len__(self) -> int:
+        return len(self.columns["image_ids"])
+
+    def add(self, image_id: str, height: int, width: int, layout: Mapping[str, np.ndarray],
+            features: np.ndarray) -> None:
+        """``layout``: boxes, scores, labels, mask of the 20 rows; ``features`` (20, D) already in the shard dtype."""
+        c = self.columns
+        c["image_ids"].append(image_id)
+        c["image_hw"].append((height, width))
+        for k in ("boxes", "scores", "labels", "mask"):
+            c[k].append(layout[k])
+        c["features"].append(features)
+
+    def write(self, path: str | Path, *, feature_dim: int, feature_dtype: str, failed: Mapping[str, str],
+              producer, dataset, shard_index: int, num_shards: int) -> Path:
+        n, c = len(self), self.columns
+        features = np.stack(c["features"]) if n else np.zeros((0, K_FRAGMENTS, feature_dim), feature_dtype)
+        return write_region_shard(
+            path, image_ids=c["image_ids"], image_hw=np.asarray(c["image_hw"], np.int32).reshape(n, 2),
+            boxes=np.asarray(c["boxes"], np.float32).reshape(n, K_FRAGMENTS, 4),
+            scores=np.asarray(c["scores"], np.float32).reshape(n, K_FRAGMENTS),
+            labels=np.asarray(c["labels"], np.int32).reshape(n, K_FRAGMENTS),
+            mask=np.asarray(c["mask"], bool).reshape(n, K_FRAGMENTS), features=features,
+            failed_ids=list(failed), failed_reasons=list(failed.values()), producer=producer, dataset=dataset,
+            shard_index=shard_index, num_shards=num_shards)
+
+
 def write_triple_shard(path: str | Path, *, caption_ids, image_ids, texts, triples, num_tokens=None,
                        truncated=None, failed_ids=(), failed_reasons=(), producer, dataset, shard_index: int,
                        num_shards: int) -> Path:

@@ -178,8 +178,7 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
     items = [(str(i), Path(p)) for i, p in items]
     root = Path(image_root) if image_root is not None else None
     report = ShardReport(Path(out_path))
-    rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
-                                             "features")}
+    rows = cache.RegionRows()
     window: list[tuple[str, LoadedImage]] = []  # a few batches, so images of one size can be batched together
     detector_failures: list[str] = []
 
@@ -198,11 +197,7 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
             fail(image_id, f"features overflow {feature_dtype} (largest {np.abs(frag['features']).max():.3g}); "
                            "use --feature-dtype float32")
             return
-        rows["image_ids"].append(image_id)
-        rows["image_hw"].append((im.height, im.width))
-        for k in ("boxes", "scores", "labels", "mask"):
-            rows[k].append(frag[k])
-        rows["features"].append(feats)
+        rows.add(image_id, im.height, im.width, frag, feats)
 
     def flush() -> None:
         # Same-size images share a batch without padding: features do not depend on batch neighbours.
@@ -242,21 +237,14 @@ def extract_shard(items: Sequence[tuple[str, str | Path]], out_path: str | Path,
     if progress:
         progress(done, len(items))
 
-    n = len(rows["image_ids"])
+    n = len(rows)
     if n == 0 and len(detector_failures) > 1:  # every image it saw: the detector is broken, not the images
         raise RegionExtractionError(f"the detector failed on all {len(detector_failures)} images of shard "
                                     f"{out_path} (first: {detector_failures[0]}); nothing was written — fix the "
                                     "detector setup (device, weights) and rerun")
-    d = int(producer.get("feature_dim", 0))
-    feats = np.stack(rows["features"]) if n else np.zeros((0, K_FRAGMENTS, d), feature_dtype)
-    cache.write_region_shard(
-        out_path, image_ids=rows["image_ids"], image_hw=np.asarray(rows["image_hw"], np.int32).reshape(n, 2),
-        boxes=np.asarray(rows["boxes"], np.float32).reshape(n, K_FRAGMENTS, 4),
-        scores=np.asarray(rows["scores"], np.float32).reshape(n, K_FRAGMENTS),
-        labels=np.asarray(rows["labels"], np.int32).reshape(n, K_FRAGMENTS),
-        mask=np.asarray(rows["mask"], bool).reshape(n, K_FRAGMENTS), features=feats,
-        failed_ids=list(report.failed), failed_reasons=list(report.failed.values()),
-        producer=producer, dataset=dataset, shard_index=shard_index, num_shards=num_shards)
+    rows.write(out_path, feature_dim=int(producer.get("feature_dim", 0)), feature_dtype=feature_dtype,
+               failed=report.failed, producer=producer, dataset=dataset, shard_index=shard_index,
+               num_shards=num_shards)
     report.images = n
     return report
 

@@ -14,7 +14,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import cache
-from ..cache import K_FRAGMENTS
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,7 @@ def write_source_shard(items: Sequence[tuple[str, Any]], read: Callable[[Any], S
     from ..regions import layout_fragments  # late: regions imports this package
 
     d = int(producer["feature_dim"])
-    rows: dict[str, list] = {k: [] for k in ("image_ids", "image_hw", "boxes", "scores", "labels", "mask",
-                                             "features")}
+    rows = cache.RegionRows()
     failed: dict[str, str] = {}
     bar = tqdm(items, desc=f"regions {Path(out_path).name}", unit="img", leave=False)
     for done, (image_id, where) in enumerate(bar, 1):
@@ -152,23 +150,11 @@ def write_source_shard(items: Sequence[tuple[str, Any]], read: Callable[[Any], S
             log.warning("image %r: %s", image_id, reason)
             failed[image_id] = reason
             continue
-        rows["image_ids"].append(image_id)
-        rows["image_hw"].append((row.height, row.width))
-        for k in ("boxes", "scores", "labels", "mask"):
-            rows[k].append(frag[k])
-        rows["features"].append(feats)
+        rows.add(image_id, row.height, row.width, frag, feats)
         if progress and done % 200 == 0:
             progress(done, len(items))
     if progress:
         progress(len(items), len(items))
-    n = len(rows["image_ids"])
-    cache.write_region_shard(
-        out_path, image_ids=rows["image_ids"], image_hw=np.asarray(rows["image_hw"], np.int32).reshape(n, 2),
-        boxes=np.asarray(rows["boxes"], np.float32).reshape(n, K_FRAGMENTS, 4),
-        scores=np.asarray(rows["scores"], np.float32).reshape(n, K_FRAGMENTS),
-        labels=np.asarray(rows["labels"], np.int32).reshape(n, K_FRAGMENTS),
-        mask=np.asarray(rows["mask"], bool).reshape(n, K_FRAGMENTS),
-        features=np.stack(rows["features"]) if n else np.zeros((0, K_FRAGMENTS, d), feature_dtype),
-        failed_ids=list(failed), failed_reasons=list(failed.values()), producer=producer, dataset=dataset,
-        shard_index=shard_index, num_shards=num_shards)
+    rows.write(out_path, feature_dim=d, feature_dtype=feature_dtype, failed=failed, producer=producer,
+               dataset=dataset, shard_index=shard_index, num_shards=num_shards)
     return failed
