@@ -1,6 +1,5 @@
 """Word vectors as the original model has them: formats, errors, the packaged GloVe 6B 50-d, the dictionary they
 define (test-only words included), full table vs kept rows, query words outside the dataset, and held-out words."""
-import json
 import struct
 from pathlib import Path
 
