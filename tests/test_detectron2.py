@@ -142,7 +142,8 @@ def test_stored_regions_equal_detectron2_inference(zoo, tmp_path):
         scores = final.scores.numpy()[:19]
         assert len(np.unique(scores)) == 19 and scores.max() - scores.min() > 0.02, f"scores not spread: {scores}"
         np.testing.assert_allclose(block.boxes[i, 1:], final.pred_boxes.tensor.numpy()[:19], rtol=1e-5, atol=1e-3)
-        np.testing.assert_allclose(block.scores[i, 1:], scores, rtol=1e-5, atol=1e-6)
+        # float32 softmax of logits from a differently batched pass: a few 1e-6 apart on some CPUs
+        np.testing.assert_allclose(block.scores[i, 1:], scores, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(block.labels[i, 1:], final.pred_classes.numpy()[:19])
         stored = block.features[i].astype(np.float32)  # float16 on disk: rows 1..19, then the whole image in row 0
         ref = feats.numpy()
