@@ -463,6 +463,8 @@ class TrainEmbedding(DatasetTask):
     run_name = luigi.Parameter(default="", description="run folder name (default: a hash of config and caches)")
     resume = luigi.BoolParameter(default=False, significant=False, description="continue from checkpoint-last.pt")
     progress = luigi.BoolParameter(default=True, significant=False, description="progress bars", **_BOOL)
+    compile = luigi.BoolParameter(default=False, significant=False, description="torch.compile the training step "
+                                  "(CUDA graphs on a GPU; the first epoch pays the compile)", **_BOOL)
 
     @property
     def resources(self):

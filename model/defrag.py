@@ -59,13 +59,23 @@ class DeFrag(nn.Module):
         x = feats[owner, row].to(self.image_proj.weight.dtype)  # (Ni, D) float16 cache -> compute dtype
         return self.image_proj(x), owner
 
-    def sentence_fragments(self, rel: Tensor, w1: Tensor, w2: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
-        """Triples (T,) relation, head and dependent ids with owner (T,) -> vecs (T, h), owner (T,)."""
+    def sentence_fragments(self, rel: Tensor, w1: Tensor, w2: Tensor, owner: Tensor, *,
+                           max_group: int | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Triples (T,) relation, head and dependent ids with owner (T,) -> vecs (T, h), owner (T,).
+
+        ``max_group`` (model/step.py's fixed layout): no relation has more triples than this among the rows that
+        ``keep`` (T,) bool marks (the others are padding, their vectors garbage); the per-relation products then
+        run as one batched matmul of a fixed size, with no host sync.
+        """
         e = torch.cat([self.words(w1), self.words(w2)], dim=1)  # (T, 2d)
         if self.shared_relation:
             return torch.relu(e @ self.rel_weight[0].T + self.rel_bias[0]), owner
-        batched = e.is_cuda if self.relation_batched is None else self.relation_batched
-        s = self._relations_batched(e, rel) if batched else self._relations_looped(e, rel)  # (T, h)
+        if max_group is not None:
+            s = self._relations_fixed(e, rel, max_group, torch.ones_like(rel, dtype=torch.bool) if keep is None
+                                      else keep)
+        else:
+            batched = e.is_cuda if self.relation_batched is None else self.relation_batched
+            s = self._relations_batched(e, rel) if batched else self._relations_looped(e, rel)  # (T, h)
         return torch.relu(s + self.rel_bias[rel]), owner
 
     def _relations_looped(self, e: Tensor, rel: Tensor) -> Tensor:
@@ -91,6 +101,22 @@ class DeFrag(nn.Module):
         n_max = int(counts.max()) if len(r) else 0  # one device sync per batch
         x = e.new_zeros(self.n_relations, n_max, e.shape[1]).index_put((r, pos), e[order])  # (R, n_max, 2d)
         out = torch.bmm(x, self.rel_weight.transpose(1, 2))[r, pos]  # (T, h) in relation order
+        return torch.empty_like(out).index_copy(0, order, out)
+
+    def _relations_fixed(self, e: Tensor, rel: Tensor, n_max: int, keep: Tensor) -> Tensor:
+        """``_relations_batched`` with the group size fixed at ``n_max`` (>= every relation's count of kept
+        triples): (R, n_max + 1, 2d) x (R, 2d, h), every shape known before the data, no host sync. Padding rows
+        (``~keep``) share one spare slot, so they never take a real triple's place."""
+        R, T = self.n_relations, len(rel)
+        key = torch.where(keep, rel, R)  # (T,) padding sorts after every relation
+        order = torch.argsort(key, stable=True)
+        k = key[order]  # (T,) sorted
+        counts = torch.zeros(R + 1, dtype=torch.long, device=rel.device).index_add_(0, key, torch.ones_like(key))
+        pos = torch.arange(T, device=rel.device) - (torch.cumsum(counts, 0) - counts)[k]  # (T,) slot in group
+        real = k < R
+        r, p = torch.where(real, k, 0), torch.where(real, pos, n_max)  # padding -> slot n_max of relation 0
+        x = e.new_zeros(R, n_max + 1, e.shape[1]).index_put((r, p), e[order])  # (R, n_max + 1, 2d)
+        out = torch.bmm(x, self.rel_weight.transpose(1, 2))[r, p]  # (T, h) in sorted order
         return torch.empty_like(out).index_copy(0, order, out)
 
     def config(self) -> dict:

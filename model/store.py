@@ -122,6 +122,23 @@ class Split:
         t = start[owner] + torch.arange(owner.numel(), device=c.device) - first[owner]  # (T,) global triples
         return st.rel[t], st.w1[t], st.w2[t], owner
 
+    def padded_triples(self, idx: Tensor, length: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``triples`` padded to ``length`` rows (None: this batch's own count): rel, w1, w2, owner (length,),
+        owner B on padding rows (their ids are valid but meaningless). With ``length`` given no shape depends on
+        the data (no host sync); it must be at least the batch's triple count."""
+        st = self.store
+        c = self.cap_rows[idx.to(self.cap_rows.device)]  # (B,) global caption rows
+        start, lens = st.offsets[c], st.offsets[c + 1] - st.offsets[c]  # (B,), (B,)
+        ends = torch.cumsum(lens, 0)  # (B,) where each caption's run ends in the output
+        n = int(ends[-1]) if length is None and len(c) else (length or 0)
+        pos = torch.arange(n, device=c.device)  # (n,)
+        owner = torch.searchsorted(ends, pos, right=True)  # (n,) in [0, B]: B past the last run
+        o = owner.clamp(max=max(len(c) - 1, 0))
+        t = torch.where(owner < len(c), start[o] + pos - (ends - lens)[o], 0)  # (n,) global triples, 0 on padding
+        if st.rel.numel() == 0:  # no triples at all: every row is padding
+            return t, t.clone(), t.clone(), owner
+        return st.rel[t], st.w1[t], st.w2[t], owner
+
     def subset(self, image_index: Tensor | list[int] | np.ndarray, name: str | None = None) -> "Split":
         """The images ``image_index`` of this split (in that order) with all their captions."""
         idx = torch.as_tensor(np.asarray(image_index), dtype=torch.long, device=self.rows.device)

@@ -1,6 +1,7 @@
 """TrainEmbedding's work: learn the DeFrag projections over the cached fragments.
 
     loss = defrag_cost(batch) / B      the objective's sums divided by the batch's number of pairs B
+                                       (computed as model/step.py's padded_step: same value, fixed shapes)
 
 Dividing by B keeps the step size independent of the batch size (the paper's lr 1e-5 was for its own scale);
 weight decay (the paper's alpha) is the optimizer's L2 term on every parameter. Batches never hold two captions
@@ -29,7 +30,7 @@ from pipeline.devices import resolve_device
 from .batches import epoch_batches
 from .checkpoint import BEST, LAST, CheckpointError, CheckpointUnreadable, load_checkpoint, save_checkpoint
 from .defrag import DeFrag
-from .objective import defrag_cost
+from .step import padded_loss, padded_step, plan_epoch
 from .store import FragmentStore, MemoryFeatures, Split, encode_captions, encode_images, fits_on
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class TrainConfig:
     device: str = "auto"
     memory_budget_gb: float = 8.0
     progress: bool = True
+    compile: bool = False  # torch.compile the step (CUDA graphs on a GPU: fixed shapes, no host sync)
 
-    RUNTIME = ("device", "progress", "epochs", "memory_budget_gb")  # may change when a run resumes
+    RUNTIME = ("device", "progress", "epochs", "memory_budget_gb", "compile")  # may change when a run resumes
 
     def objective_kwargs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("use_fragment", "use_global", "use_mil", "fragment_margin",
@@ -222,17 +224,27 @@ def plot_curves(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _compiled(fn: Any, device: torch.device) -> Any:
+    """``torch.compile`` of the step's model and cost; on a GPU with CUDA graphs ("reduce-overhead"): every
+    batch of an epoch has one shape (model/step.py's plan), so one capture serves them all."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
 def _optimizer(model: DeFrag, config: TrainConfig, pretrained_words: bool = False) -> torch.optim.Optimizer:
     """Weight decay on every trained parameter, except fine-tuned pretrained word vectors: decay would pull them
-    toward zero, away from the rows of the words training never sees (those keep their vectors exactly)."""
+    toward zero, away from the rows of the words training never sees (those keep their vectors exactly).
+    The fused update (one pass over each parameter, its gradient and momentum) is the same arithmetic as the
+    plain loop: 4x faster for the 16M relation weights on the CPU."""
     params: Any = [p for p in model.parameters() if p.requires_grad]
     if pretrained_words and model.words.weight.requires_grad:
         params = [{"params": [p for p in params if p is not model.words.weight]},
                   {"params": [model.words.weight], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               fused=True)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
 
 
@@ -391,6 +403,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
 
     _place(store, device)
     obj = cfg.objective_kwargs()
+    loss_fn = _compiled(padded_loss, device) if cfg.compile else padded_loss
     steps_per_log = 20
     step = history[-1]["step"] if history else 0
     t_run = time.time()
@@ -401,6 +414,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
                                 _window_groups(train_split, store, gen))
         if cfg.max_batches:
             batches = batches[:cfg.max_batches]
+        plan = plan_epoch(train_split, batches, store.n_relations, store.device)
+        fixed = (plan.max_triples, plan.max_group) if device.type == "cuda" else (None, None)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
         window = torch.zeros(3, dtype=torch.float64, device=device)
@@ -409,25 +424,17 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+            bar = tqdm(total=len(plan.batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         log_lines = []
-        for b, caps in enumerate(batches):
-            caps = caps.to(store.device)
-            img = train_split.caption_image[caps]  # (B,) images of the batch, all different
-            feats, mask = train_split.images(img)  # (B, K, D) float16, (B, K)
-            rel, w1, w2, owner = train_split.triples(caps)  # (T,) each
-            iv, io = model.image_fragments(feats.to(device, non_blocking=True), mask.to(device))
-            sv, so = model.sentence_fragments(rel.to(device), w1.to(device), w2.to(device), owner.to(device))
-            total, parts = defrag_cost(iv, io, sv, so, len(caps), **obj)
-            loss = total / len(caps)  # per pair: the step size does not depend on B
+        for b, caps in enumerate(plan.batches):
+            loss, frag, glob = padded_step(model, train_split, caps, device, obj, *fixed, loss_fn=loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            vals = torch.stack([loss.detach(), parts["fragment"].detach() / len(caps),
-                                parts["global"].detach() / len(caps)]).double()
+            vals = torch.stack([loss.detach(), frag, glob]).double()
             sums += vals
             window += vals
             n_win += 1

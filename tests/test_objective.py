@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.objective import defrag_cost, pair_scores
+from model.objective import defrag_cost, padded_cost, pair_scores
 from objective_reference import loop_cost, loop_pair_scores
 
 
@@ -127,3 +127,72 @@ def test_cuda_matches_cpu():
     cpu, _ = defrag_cost(iv, io, sv, so, P)
     gpu, _ = defrag_cost(iv.cuda(), io.cuda(), sv.cuda(), so.cuda(), P)
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# ---------------------------------------------------------------------------------------------- fixed layout
+
+def to_padded(iv, io, sv, so, P, extra_rows=1, extra_cols=3, seed=0):
+    """A flat batch in the trainer's fixed layout: K rows per image (the image's fragments in their order, then
+    masked rows of noise), sentence fragments flat with noise columns of owner P at the end."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = torch.bincount(io, minlength=P)
+    K = int(n_img.max()) + extra_rows
+    h = iv.shape[1]
+    rows = torch.randn(P, K, h, generator=g, dtype=iv.dtype)  # padding rows hold noise: they must not count
+    mask = torch.zeros(P, K, dtype=torch.bool)
+    place = torch.zeros(len(io), 2, dtype=torch.long)
+    for k in range(P):
+        mine = (io == k).nonzero().squeeze(1)
+        place[mine, 0], place[mine, 1] = k, torch.arange(len(mine))
+        mask[k, :len(mine)] = True
+    pad_cols = torch.randn(extra_cols, h, generator=g, dtype=sv.dtype)
+    iv_p = rows.index_put((place[:, 0], place[:, 1]), iv)  # keeps the graph to iv
+    sv_p = torch.cat([sv, pad_cols])
+    so_p = torch.cat([so, torch.full((extra_cols,), P)])
+    return iv_p, mask, sv_p, so_p
+
+
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixed_layout_cost_and_closed_form_gradient_match_the_flat_cost(kw, seed):
+    iv, io, sv, so, P = random_batch(seed, P=5, max_img=4, max_sent=4, scale=1.5)
+    ref_total, ref_parts = defrag_cost(iv, io, sv, so, P, **kw)
+    ri, rs = torch.autograd.grad(ref_total, (iv, sv))
+    iv_p, mask, sv_p, so_p = to_padded(iv, io, sv, so, P, seed=seed)
+    total, parts = padded_cost(iv_p, mask, sv_p, so_p, **kw)
+    gi, gs = torch.autograd.grad(total, (iv, sv))
+    torch.testing.assert_close(total, ref_total, rtol=1e-10, atol=1e-10)
+    for k in ("fragment", "global"):
+        torch.testing.assert_close(parts[k], ref_parts[k].detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gi, ri, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gs, rs, rtol=1e-9, atol=1e-10)
+
+
+def test_fixed_layout_global_hinges_both_sides_and_mil_ties():
+    # a small margin: active and inactive global hinges both occur; the exact-tie MIL batch of the flat test
+    for seed in (3, 4):
+        iv, io, sv, so, P = random_batch(seed, P=5, max_img=5, max_sent=4, empty_sentence=False, scale=2.0)
+        kw = dict(global_margin=0.05)
+        ref, _ = defrag_cost(iv, io, sv, so, P, **kw)
+        got, _ = padded_cost(*to_padded(iv, io, sv, so, P), **kw)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(torch.autograd.grad(got, iv)[0], torch.autograd.grad(ref, iv)[0])
+    iv = torch.tensor([[-1.0, 0.0], [-2.0, 0.0], [5.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 0.0], [0.0, 0.0]],
+                      dtype=torch.float64, requires_grad=True)
+    io = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    sv = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    so = torch.tensor([0, 1, 2])
+    ref, _ = defrag_cost(iv, io, sv, so, 3)
+    got, _ = padded_cost(*to_padded(iv, io, sv, so, 3))
+    assert float(got.detach()) == pytest.approx(float(ref.detach()))
+    torch.testing.assert_close(torch.autograd.grad(got, iv)[0], torch.autograd.grad(ref, iv)[0])
+
+
+def test_fixed_layout_padding_and_empty_sentences_take_no_part():
+    iv, io, sv, so, P = random_batch(6, P=4)
+    base, _ = padded_cost(*to_padded(iv, io, sv, so, P, extra_rows=0, extra_cols=0))
+    for rows, cols in ((3, 0), (0, 7), (2, 5)):  # more padding of noise changes nothing
+        got, _ = padded_cost(*to_padded(iv, io, sv, so, P, extra_rows=rows, extra_cols=cols, seed=rows + cols))
+        torch.testing.assert_close(got, base, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        padded_cost(*to_padded(iv, io, sv, so, P), use_fragment=False, use_global=False)
