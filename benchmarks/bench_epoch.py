@@ -9,6 +9,8 @@ pipeline.cache's writers; 5 captions per image of about 10 triples; a 10,000-wor
 trains one epoch with the paper's sizes (h 1000, d 200, batch 100) through model.train.train, and profiles a few
 training steps to split the time between matrix products and everything else.
 Targets: <= 10 min per epoch on 2 CPU cores; peak RSS <= 1.5x the cached feature bytes; <= 5 s per epoch on an H100.
+The profile times the step before the fixed layout ("flat") beside the trainer's ("padded", and "compiled" on a GPU
+or with --compile) on the same batches, so the ratios come from one run.
 """
 from __future__ import annotations
 
@@ -83,25 +85,31 @@ def write_cache(root: Path, n_train: int, n_val: int, dim: int, caps: int, tripl
 
 class RssTimeline:
     """This process's resident memory sampled every ``every`` seconds in a thread; ``phase(name)`` labels what
-    runs from now on, and ``peaks`` keeps each phase's highest RSS (bytes)."""
+    runs from now on, and ``peaks`` keeps each phase's highest RSS (bytes); ``anon_peaks`` the same for the
+    anonymous part (RSS less file-backed pages: what the process allocated, without the pages of torch's shared
+    libraries that its kernels fault in as they are first used)."""
 
     def __init__(self, every: float = 0.005):
         import os
         import threading
 
         self._page, self._every, self.current, self.peaks = os.sysconf("SC_PAGE_SIZE"), every, "imports (torch)", {}
+        self.anon_peaks: dict[str, int] = {}
         self.cpu: dict[str, float] = {}  # process CPU seconds when each phase began
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def rss(self) -> int:
+    def rss(self) -> tuple[int, int]:
+        """(resident, resident less file-backed and shared) in bytes, from /proc/self/statm."""
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+            fields = f.read().split()
+        return int(fields[1]) * self._page, (int(fields[1]) - int(fields[2])) * self._page
 
     def _note(self) -> None:
-        r = self.rss()
+        r, anon = self.rss()
         self.peaks[self.current] = max(self.peaks.get(self.current, 0), r)
+        self.anon_peaks[self.current] = max(self.anon_peaks.get(self.current, 0), anon)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -140,55 +148,77 @@ def watch_training_phases(timeline: RssTimeline) -> None:
     mt.epoch_batches, mt.validate = batches, validation
 
 
-def profile_steps(store, cfg, device, steps: int) -> dict:
-    """Time a few training steps under torch.profiler: share of device (or CPU) time in matrix products."""
+def profile_steps(store, cfg, device, steps: int, step_kind: str) -> dict:
+    """Time a few training steps under torch.profiler: ms per step and the share of device (or CPU) time in
+    matrix products. ``step_kind``: "flat" (the step before the fixed layout: real fragments only, autograd through
+    the cost, plain SGD), "padded" (the trainer's step: fixed layout, closed-form cost gradient, fused SGD; fixed
+    shapes on a GPU) or "compiled" (that step under torch.compile: CUDA graphs on a GPU)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from model.batches import epoch_batches
     from model.defrag import DeFrag
-    from model.objective import defrag_cost
+    from model.step import flat_step, padded_loss, padded_step, plan_epoch
+    from model.train import _compiled
 
+    torch.manual_seed(0)
     model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=step_kind != "flat")
     split = store.split("train")
-    batches = epoch_batches(split.caption_image, cfg.batch_size, torch.Generator().manual_seed(1))[:steps + 3]
+    warm = 8 if step_kind == "compiled" else 3
+    batches = epoch_batches(split.caption_image, cfg.batch_size, torch.Generator().manual_seed(1))
+    batches = [b for b in batches if len(b) == cfg.batch_size][:steps + warm]
+    plan = plan_epoch(split, batches, store.n_relations, store.device)
+    fixed = (plan.max_triples, plan.max_group) if device.type == "cuda" else (None, None)
+    loss_fn = _compiled(padded_loss, device) if step_kind == "compiled" else padded_loss
+    obj = cfg.objective_kwargs()
 
     def step(caps):
-        caps = caps.to(store.device)
-        feats, mask = split.images(split.caption_image[caps])
-        rel, w1, w2, owner = split.triples(caps)
-        iv, io = model.image_fragments(feats.to(device), mask.to(device))
-        sv, so = model.sentence_fragments(rel.to(device), w1.to(device), w2.to(device), owner.to(device))
-        total, _ = defrag_cost(iv, io, sv, so, len(caps), **cfg.objective_kwargs())
-        opt.zero_grad()
-        (total / len(caps)).backward()
+        if step_kind == "flat":
+            loss, _, _ = flat_step(model, split, caps, device, obj)
+        else:
+            loss, _, _ = padded_step(model, split, caps, device, obj, *fixed, loss_fn=loss_fn)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
         opt.step()
 
-    for caps in batches[:3]:  # warm-up
+    t = time.perf_counter()
+    for caps in plan.batches[:warm]:  # warm-up (and the compile)
         step(caps)
     cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t = time.perf_counter()
     with profile(activities=acts) as prof:
-        for caps in batches[3:]:
+        for caps in plan.batches[warm:]:
             step(caps)
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t
+    n = len(plan.batches) - warm
+    # without the profiler (it adds a cost per kernel launch that would favour the step with fewer launches)
+    t = time.perf_counter()
+    for caps in plan.batches[warm:]:
+        step(caps)
+    if cuda:
+        torch.cuda.synchronize()
+    plain = time.perf_counter() - t
     mm_names = ("mm", "addmm", "bmm", "matmul", "baddbmm", "linear")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ev = prof.key_averages()
 
-    def t(e):  # older torch names the device column after CUDA
+    def t_of(e):  # older torch names the device column after CUDA
         return getattr(e, key, None) if getattr(e, key, None) is not None else getattr(e, "self_cuda_time_total", 0)
 
-    mm = sum(t(e) for e in ev if e.key.split("::")[-1] in mm_names) / 1e6
-    busy = sum(t(e) for e in ev) / 1e6
-    return {"steps": len(batches) - 3, "wall_s": wall, "matmul_s": mm, "busy_s": busy,
-            "ms_per_step": 1e3 * wall / max(1, len(batches) - 3)}
+    mm = sum(t_of(e) for e in ev if e.key.split("::")[-1] in mm_names) / 1e6
+    # GPU busy: the kernels' and copies' own entries (their device type is CUDA); CPU: every op's self time
+    busy = sum(t_of(e) for e in ev if not cuda or getattr(getattr(e, "device_type", None), "name", "") == "CUDA")
+    busy = (busy or sum(t_of(e) for e in ev)) / 1e6
+    return {"steps": n, "wall_s": wall, "matmul_s": mm, "busy_s": busy, "ms_per_step": 1e3 * plain / n,
+            "ms_per_step_profiled": 1e3 * wall / n, "warmup_s": warm_s}
 
 
 def main() -> None:
@@ -209,6 +239,8 @@ def main() -> None:
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time only this many batches of the epoch and extrapolate (0: the whole epoch)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs)")
+    ap.add_argument("--compile", action="store_true", help="train the epoch with torch.compile (CUDA graphs on a GPU); "
+                    "the profile adds a compiled row (always on a GPU)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     root = Path(a.cache_dir)
@@ -243,7 +275,7 @@ def main() -> None:
           f"{d['triples']} triples, {store.n_words} words; features {store.feature_bytes / 1e9:.2f} GB "
           f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
     cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, compile=a.compile)
     timeline.phase("training setup")
     watch_training_phases(timeline)
     with tempfile.TemporaryDirectory() as runs:
@@ -265,16 +297,30 @@ def main() -> None:
     fb, prev = store.feature_bytes, 0
     print(f"  where the peak goes (RSS sampled every 5 ms; x = multiples of the {fb / 1e9:.2f} GB of features):")
     for name, peak in timeline.peaks.items():
+        anon = timeline.anon_peaks[name]
         print(f"  {name:<18} peak {peak / 1e9:6.2f} GB ({peak / fb:4.2f}x), {(peak - prev) / 1e6:+8.0f} MB over the "
-              f"phase before")
+              f"phase before; anonymous {anon / 1e9:5.2f} GB ({anon / fb:4.2f}x)")
         prev = peak
+    anon = max(timeline.anon_peaks.values())
+    print(f"peak anonymous RSS (RSS less torch's and the other libraries' file-backed pages) {anon / 1e9:.2f} GB = "
+          f"{anon / fb:.2f}x the cached feature bytes")
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB")
     if a.profile_steps:
-        p = profile_steps(store, cfg, dev, a.profile_steps)
-        print(f"profile of {p['steps']} steps: {p['ms_per_step']:.1f} ms/step wall; matmuls {p['matmul_s']:.3f} s of "
-              f"{p['busy_s']:.3f} s busy {'device' if dev.type == 'cuda' else 'CPU'} time; share of wall time not "
-              f"in matmuls {1 - p['matmul_s'] / p['wall_s']:.0%}")
+        kinds = ["flat", "padded"] + (["compiled"] if dev.type == "cuda" or a.compile else [])
+        what = {"flat": "before (flat step, autograd cost, plain SGD)", "padded": "after (fixed layout, closed-form "
+                "gradient, fused SGD)", "compiled": "after, torch.compile" + (" (CUDA graphs)" if dev.type == "cuda"
+                                                                              else "")}
+        rows = {k: profile_steps(store, cfg, dev, a.profile_steps, k) for k in kinds}
+        where = "GPU" if dev.type == "cuda" else "CPU"
+        for k, p in rows.items():
+            share = (f"GPU busy {p['busy_s'] / p['wall_s']:.0%} of the profiled wall time" if dev.type == "cuda" else
+                     f"matmuls {p['matmul_s'] / p['wall_s']:.0%} of the profiled wall time")
+            print(f"step {what[k]}: {p['ms_per_step']:.1f} ms/step over {p['steps']} steps ({p['ms_per_step_profiled']:.1f} "
+                  f"under the profiler; {where} busy {p['busy_s']:.3f} s, matmuls {p['matmul_s']:.3f} s; {share}; "
+                  f"warm-up {p['warmup_s']:.1f} s)")
+        base = rows["flat"]["ms_per_step"]
+        print("  ratios to the step before: " + ", ".join(f"{k} {p['ms_per_step'] / base:.2f}x" for k, p in rows.items()))
 
 
 if __name__ == "__main__":

@@ -224,6 +224,20 @@ def plot_curves(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that the process freed back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps large freed blocks (its mmap threshold grows with the sizes freed), so the resident size after the
+    training steps stays at their peak and validation adds to it; one trim per epoch gives it back."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _compiled(fn: Any, device: torch.device) -> Any:
     """``torch.compile`` of the step's model and cost; on a GPU with CUDA graphs ("reduce-overhead"): every
     batch of an epoch has one shape (model/step.py's plan), so one capture serves them all."""
@@ -455,6 +469,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
             bar.close()
         train_s = time.time() - t0
         mean = (sums / max(1, len(batches))).tolist()
+        opt.zero_grad(set_to_none=True)  # the gradients are not needed again before the next step
+        release_freed_memory()  # the steps' freed temporaries go back to the system before validation
         t1 = time.time()
         val = validate(model, val_split, cfg, device)
         rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "loss": mean[0], "fragment": mean[1],
