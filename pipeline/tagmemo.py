@@ -1,11 +1,13 @@
 """Two Python hot spots of a Stanza bulk parse, done faster with identical results: tag strings, padded batches.
 
-**Tag strings.**
+**Tag strings and character ids.**
 After every batch Stanza's tagger turns its predicted ids back into strings word by word with
 ``CompositeVocab.id2unit``; for the morphological features that is a loop over every feature key with a
 ``"{}={}".format`` per feature, for every word: about a tenth of a bulk parse of captions, in Python. The strings
 depend only on the ids, and captions use few distinct combinations, so ``remember_tag_strings`` gives the tagger's
 composite vocabularies (XPOS, UFeats) an ``unmap`` that builds each string once and returns the same string after.
+The same holds the other way for characters: both data loaders map every word to character ids one character at a
+time, and captions repeat their words, so each word's ids are looked up once.
 Like ``pipeline.treedecode.use_batched_decoder`` it sets instance attributes of one Pipeline's vocabularies:
 Stanza's classes, and every other Pipeline, are untouched.
 
@@ -46,15 +48,36 @@ def remembering_unmap(id2unit: Callable[[Any], Any]) -> Callable[[list], list]:
     return unmap
 
 
+def remembering_map(map_: Callable[[list], list]) -> Callable[[list], list]:
+    """``map`` (a word's characters -> ids) over ``map_``, remembering each word's ids; every call gets its own list."""
+    seen: dict[tuple, list] = {}
+
+    def map_chars(units: list) -> list:
+        key = tuple(units)
+        ids = seen.get(key)
+        if ids is None:
+            ids = map_(units)
+            if len(seen) < MAX_REMEMBERED:
+                seen[key] = ids
+        return list(ids)
+
+    return map_chars
+
+
+def _vocabs(nlp: Any, processor: str) -> dict:
+    proc = nlp.processors.get(processor)
+    return getattr(getattr(getattr(proc, "trainer", None), "vocab", None), "_vocabs", {}) or {}
+
+
 def remember_tag_strings(nlp: Any, on: bool = True) -> int:
     """Give this Pipeline's tagger vocabularies that build strings (CompositeVocab with a separator) a remembering
-    ``unmap`` (``on=False`` restores Stanza's own). Returns how many vocabularies it applies to."""
-    from stanza.models.common.vocab import CompositeVocab
+    ``unmap``, and the tagger's and parser's character vocabularies a remembering ``map`` (a word's characters to
+    ids, looked up one character at a time by Stanza); ``on=False`` restores Stanza's own. Returns how many
+    vocabularies it applies to."""
+    from stanza.models.common.vocab import CharVocab, CompositeVocab
 
-    proc = nlp.processors.get("pos")
-    vocabs = getattr(getattr(getattr(proc, "trainer", None), "vocab", None), "_vocabs", {})
     n = 0
-    for vocab in vocabs.values():
+    for vocab in _vocabs(nlp, "pos").values():
         if not isinstance(vocab, CompositeVocab) or getattr(vocab, "sep", None) is None:
             continue  # no separator: id2unit returns a fresh list, which callers may change
         if on:
@@ -62,6 +85,15 @@ def remember_tag_strings(nlp: Any, on: bool = True) -> int:
         else:
             vocab.__dict__.pop("unmap", None)
         n += 1
+    for processor in ("pos", "depparse"):
+        vocab = _vocabs(nlp, processor).get("char")
+        if type(vocab) is CharVocab:  # exactly Stanza's: its ids depend on the characters only
+            if on:
+                vocab.__dict__.pop("map", None)
+                vocab.map = remembering_map(vocab.map)
+            else:
+                vocab.__dict__.pop("map", None)
+            n += 1
     return n
 
 

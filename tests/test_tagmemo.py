@@ -1,4 +1,4 @@
-"""pipeline.tagmemo against Stanza's own functions: the same padded tensors, the same tag strings, the same parses."""
+"""pipeline.tagmemo against Stanza's own functions: the same padded tensors, tag strings, character ids and parses."""
 from __future__ import annotations
 
 import random
@@ -70,7 +70,16 @@ def test_remembered_tag_strings_are_stanzas(nlp):
     ids += ids[:100]  # seen before: from memory
     want = [vocab.id2unit(x) for x in ids]
     assert vocab.unmap(ids) == want and vocab.unmap(ids) == want
-    assert remember_tag_strings(nlp, False) >= 1 and "unmap" not in vars(vocab)
+    chars = [nlp.processors[p].trainer.vocab["char"] for p in ("pos", "depparse")]
+    words = [list(w) for w in ("dog", "dogs", "a", "frisbee", "dog", "Dog", "naïve", "dog")]
+    for cv in chars:
+        assert "map" in vars(cv)
+        got = [cv.map(w) for w in words]
+        assert got == [type(cv).map(cv, w) for w in words]  # Stanza's own lookup, character by character
+        got[0].append(-1)  # a caller that changes its list changes nothing remembered
+        assert cv.map(list("dog")) == type(cv).map(cv, list("dog"))
+    assert remember_tag_strings(nlp, False) == 3 and "unmap" not in vars(vocab)
+    assert all("map" not in vars(cv) for cv in chars)
     assert vocab.unmap(ids) == want
     remember_tag_strings(nlp, True)
 
