@@ -251,14 +251,15 @@ def _optimizer(model: DeFrag, config: TrainConfig, pretrained_words: bool = Fals
     The fused update (one pass over each parameter, its gradient and momentum) is the same arithmetic as the
     plain loop: 4x faster for the 16M relation weights on the CPU."""
     params: Any = [p for p in model.parameters() if p.requires_grad]
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # where torch has the fused kernels
     if pretrained_words and model.words.weight.requires_grad:
         params = [{"params": [p for p in params if p is not model.words.weight]},
                   {"params": [model.words.weight], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               fused=True)
+                               fused=fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
 
 
