@@ -224,6 +224,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+# where every step of an epoch has the same shapes (no host sync; what CUDA graphs need). On the CPU each batch keeps
+# its own sizes: padding would only add flops there.
+FIXED_SHAPE_DEVICES = {"cuda"}
+
+
 def release_freed_memory() -> None:
     """Hand memory that the process freed back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
@@ -419,6 +424,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
     _place(store, device)
     obj = cfg.objective_kwargs()
     loss_fn = _compiled(padded_loss, device) if cfg.compile else padded_loss
+    sizes = (0, 0)  # the fixed (max triples, max relation group) of the GPU step
     steps_per_log = 20
     step = history[-1]["step"] if history else 0
     t_run = time.time()
@@ -430,7 +436,9 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if cfg.max_batches:
             batches = batches[:cfg.max_batches]
         plan = plan_epoch(train_split, batches, store.n_relations, store.device)
-        fixed = (plan.max_triples, plan.max_group) if device.type == "cuda" else (None, None)
+        if device.type in FIXED_SHAPE_DEVICES:  # sizes only grow over a run: a compiled step keeps its shapes
+            sizes = (max(sizes[0], plan.max_triples), max(sizes[1], plan.max_group))
+        fixed = sizes if device.type in FIXED_SHAPE_DEVICES else (None, None)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
         window = torch.zeros(3, dtype=torch.float64, device=device)

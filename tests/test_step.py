@@ -125,6 +125,30 @@ def test_training_trajectory_equals_the_flat_step(store, tmp_path):
         assert rec["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
+def test_training_with_the_gpus_fixed_shapes_equals_training_without(store, tmp_path, monkeypatch):
+    """train() the GPU's way (an epoch plan's fixed sizes, kept across epochs) on the CPU: the same epoch losses."""
+    import model.train as mt
+
+    # batches of 16, one per epoch: their plans need 64, 128, 64, 64 triples, so the sizes must grow and stay
+    cfg = TrainConfig(epochs=4, h=16, d=8, batch_size=16, max_batches=1, lr=0.01, grad_clip=5.0, progress=False,
+                      device="cpu")
+    plain = train(cfg, None, None, None, tmp_path / "plain", store=store)
+    monkeypatch.setattr(mt, "FIXED_SHAPE_DEVICES", {"cpu", "cuda"})
+    seen = []
+    step = mt.padded_step
+    monkeypatch.setattr(mt, "padded_step", lambda *a, **k: seen.append(a[5:7]) or step(*a, **k))
+    fixed = train(cfg, None, None, None, tmp_path / "fixed", store=store)
+    assert [t for t, _ in seen] == [64, 128, 128, 128] and all(g % 16 == 0 for _, g in seen)
+    assert [t for t, _ in seen] == sorted(t for t, _ in seen)  # sizes never shrink from one epoch to the next
+
+    def losses(s):
+        return [json.loads(x)["loss"] for x in (tmp_path / s / plain["name"] / "log.jsonl").read_text().splitlines()
+                if json.loads(x)["kind"] == "epoch"]
+
+    assert fixed["name"] == plain["name"]
+    assert losses("fixed") == pytest.approx(losses("plain"), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_eager(store):
     """torch.compile of the step (the CUDA-graph path on a GPU) on the CPU: one graph, the same losses."""
