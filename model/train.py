@@ -425,6 +425,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
     obj = cfg.objective_kwargs()
     loss_fn = _compiled(padded_loss, device) if cfg.compile else padded_loss
     sizes = (0, 0)  # the fixed (max triples, max relation group) of the GPU step
+    # a compiled step needs them everywhere: a new shape per batch would mean a new compile per batch
+    fixed_shapes = device.type in FIXED_SHAPE_DEVICES or cfg.compile
     steps_per_log = 20
     step = history[-1]["step"] if history else 0
     t_run = time.time()
@@ -436,9 +438,9 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if cfg.max_batches:
             batches = batches[:cfg.max_batches]
         plan = plan_epoch(train_split, batches, store.n_relations, store.device)
-        if device.type in FIXED_SHAPE_DEVICES:  # sizes only grow over a run: a compiled step keeps its shapes
+        if fixed_shapes:  # sizes only grow over a run: a compiled step keeps its shapes across epochs
             sizes = (max(sizes[0], plan.max_triples), max(sizes[1], plan.max_group))
-        fixed = sizes if device.type in FIXED_SHAPE_DEVICES else (None, None)
+        fixed = sizes if fixed_shapes else (None, None)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
         window = torch.zeros(3, dtype=torch.float64, device=device)

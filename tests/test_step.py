@@ -153,19 +153,37 @@ def test_training_with_the_gpus_fixed_shapes_equals_training_without(store, tmp_
 def test_compiled_step_equals_eager(store):
     """torch.compile of the step (the CUDA-graph path on a GPU) on the CPU: one graph, the same losses."""
     split, cpu = store.split("train"), torch.device("cpu")
-    batches = epoch_batches(split.caption_image, 14, torch.Generator().manual_seed(3))[:4]
+    batches = [b for b in epoch_batches(split.caption_image, 14, torch.Generator().manual_seed(3)) if len(b) == 14][:4]
     plan = plan_epoch(split, batches, store.n_relations, cpu)
+    assert len({len(split.triples(b)[0]) for b in batches}) > 1  # batches of different triple counts, one shape
     explain = torch._dynamo.explain(padded_loss)
     caps = plan.batches[0]
     feats, mask = split.images(split.caption_image[caps])
     ex = explain(_model(store), feats, mask, *split.padded_triples(caps, plan.max_triples), OBJ, plan.max_group)
     assert ex.graph_break_count == 0  # nothing in the step leaves the graph (no host sync, no Python fallback)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = _compiled(padded_loss, cpu)
     fixed = (plan.max_triples, plan.max_group)
     eager, _ = _run(store, plan.batches, lambda m, c, o: padded_step(m, split, c, cpu, o, *fixed), True)
     got, _ = _run(store, plan.batches, lambda m, c, o: padded_step(m, split, c, cpu, o, *fixed, loss_fn=compiled),
                   True)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once for all four batches
+
+
+def test_compile_asks_for_fixed_shapes_everywhere(store, tmp_path, monkeypatch):
+    """--compile on the CPU: the step gets the plan's fixed sizes (each batch its own shape would be one compile per
+    batch). ``_compiled`` is replaced by a recorder here; the compiled step itself is tested above."""
+    import model.train as mt
+
+    asked, seen = [], []
+    monkeypatch.setattr(mt, "_compiled", lambda fn, device: asked.append(device.type) or fn)
+    step = mt.padded_step
+    monkeypatch.setattr(mt, "padded_step", lambda *a, **k: seen.append(a[5:7]) or step(*a, **k))
+    cfg = TrainConfig(epochs=1, h=16, d=8, batch_size=14, max_batches=6, progress=False, device="cpu", compile=True)
+    train(cfg, None, None, None, tmp_path, store=store)
+    assert asked == ["cpu"] and len(seen) == 6 and len(set(seen)) == 1 and None not in seen[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
