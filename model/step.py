@@ -1,12 +1,13 @@
 """One training step of DeFrag, in two forms that compute the same loss.
 
-    flat_step      today's readable form: real fragments only, owners as index lists, ``defrag_cost``
+    flat_step      the readable form (the trainer's before): real fragments only, owners as index lists,
+                   ``defrag_cost`` with autograd
     padded_step    the trainer's form: every image K rows (masked), sentence fragments padded to ``T`` with
                    owner P, ``padded_cost`` with its closed-form gradient
 
 The padded form has no data-dependent shape, so with ``T`` and the relation-group size fixed for an epoch
 (``EpochPlan``) a step runs on a GPU without a host sync and can be compiled or captured; on the CPU ``T`` is the
-batch's own triple count (no padding flops). Both return ``(loss per pair, fragment, global)``.
+batch's own triple count (no padding flops), unless the step is compiled. Both return ``(loss per pair, fragment, global)``.
 """
 from __future__ import annotations
 
