@@ -247,7 +247,18 @@ def _compiled(fn: Any, device: torch.device) -> Any:
     """``torch.compile`` of the step's model and cost; on a GPU with CUDA graphs ("reduce-overhead"): every
     batch of an epoch has one shape (model/step.py's plan), so one capture serves them all."""
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    return torch.compile(fn, mode=mode, dynamic=False)
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler that cannot run here (no C++ compiler, no Triton, ...)
+            if not type(e).__module__.startswith("torch._"):
+                raise
+            raise RuntimeError(f"--compile failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
+                               "train without --compile (the same losses, uncompiled)") from e
+
+    return step
 
 
 def _optimizer(model: DeFrag, config: TrainConfig, pretrained_words: bool = False) -> torch.optim.Optimizer:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,18 @@ def test_cuda_fixed_step_follows_the_cpu_flat_step(store, compile_):
     finally:
         store.to(cpu)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-3, atol=1e-4)
+
+
+def test_a_compiler_that_cannot_run_names_the_way_out(tmp_path):
+    """No working C++ compiler (inductor's CPU backend needs one): one line naming --compile and the fix."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom model.train import _compiled\n"
+            "_compiled(lambda x: (x * 2 + 1).sin(), torch.device('cpu'))(torch.ones(5))\n")
+    env = {**__import__("os").environ, "CXX": str(tmp_path / "no-such-g++"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "--compile failed on cpu" in r.stderr and "train without --compile" in r.stderr, r.stderr[-2000:]
