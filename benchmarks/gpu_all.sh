@@ -22,6 +22,7 @@ run() {  # name, timeout in seconds, command...
 }
 run cuda-tests 300 python -m pytest -q -p no:cacheprovider tests/test_step.py tests/test_objective.py tests/test_train.py \
   -k "cuda or gpu"
+run objective 120 python benchmarks/bench_objective.py --device cuda --loop-pairs 5
 run scoring 120 python benchmarks/bench_scoring.py --device cuda --h 1000 --repeat 3
 run epoch 540 python benchmarks/bench_epoch.py --device cuda --no-progress --cache-dir "${EPOCH_CACHE:-/tmp/defrag-bench-epoch}"
 run epoch-compiled 300 python benchmarks/bench_epoch.py --device cuda --no-progress --compile --profile-steps 0 \
