@@ -93,15 +93,9 @@ class DeFrag(nn.Module):
 
     def _relations_batched(self, e: Tensor, rel: Tensor) -> Tensor:
         """W_R e per triple as one batched matmul over relations, each relation's triples padded to the
-        largest group: (R, n_max, 2d) x (R, 2d, h)."""
-        order = torch.argsort(rel, stable=True)
-        r = rel[order]  # (T,) sorted relations
-        counts = torch.bincount(rel, minlength=self.n_relations)  # (R,)
-        pos = torch.arange(len(r), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]  # (T,) slot in group
-        n_max = int(counts.max()) if len(r) else 0  # one device sync per batch
-        x = e.new_zeros(self.n_relations, n_max, e.shape[1]).index_put((r, pos), e[order])  # (R, n_max, 2d)
-        out = torch.bmm(x, self.rel_weight.transpose(1, 2))[r, pos]  # (T, h) in relation order
-        return torch.empty_like(out).index_copy(0, order, out)
+        largest group of this batch (few kernel launches)."""
+        n_max = int(torch.bincount(rel, minlength=self.n_relations).max()) if len(rel) else 0  # one device sync
+        return self._relations_fixed(e, rel, n_max, torch.ones_like(rel, dtype=torch.bool))
 
     def _relations_fixed(self, e: Tensor, rel: Tensor, n_max: int, keep: Tensor) -> Tensor:
         """``_relations_batched`` with the group size fixed at ``n_max`` (>= every relation's count of kept

@@ -39,22 +39,14 @@ class EpochPlan:
 
 
 def plan_epoch(split: Split, batches: list[Tensor], n_relations: int, device: torch.device) -> EpochPlan:
-    """Sizes of an epoch's batches, computed once on the CPU; the batches move to ``device`` in one copy."""
-    st = split.store
+    """Sizes of an epoch's batches (one gather of all its triples, counted on the CPU); the batches move to
+    ``device`` in one copy."""
     sizes = [len(b) for b in batches]
     caps = torch.cat(batches).cpu() if batches else torch.zeros(0, dtype=torch.long)
-    glob = split.cap_rows.cpu()[caps]  # (sum P,) global caption rows
-    offsets = st.offsets.cpu()
-    lens = offsets[glob + 1] - offsets[glob]  # (sum P,) triples per caption
+    rel, _, _, owner = (t.cpu() for t in split.triples(caps))  # (sum T,): every triple of the epoch once
     batch_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-    per_batch = torch.zeros(len(sizes), dtype=torch.long).index_add_(0, batch_of, lens)  # (nb,)
-    # relation counts of each batch: every triple of the epoch once
-    owner = torch.repeat_interleave(torch.arange(len(glob)), lens)  # (sum T,) position in caps
-    first = torch.cumsum(lens, 0) - lens
-    t = offsets[glob][owner] + torch.arange(len(owner)) - first[owner]  # (sum T,) global triple rows
-    rel = st.rel.cpu()[t]
-    groups = torch.zeros(len(sizes) * max(1, n_relations), dtype=torch.long)
-    groups.index_add_(0, batch_of[owner] * max(1, n_relations) + rel, torch.ones_like(rel))
+    per_batch = torch.bincount(batch_of[owner], minlength=len(sizes))  # (nb,) triples per batch
+    groups = torch.bincount(batch_of[owner] * max(1, n_relations) + rel, minlength=len(sizes) * max(1, n_relations))
     max_t = int(per_batch.max()) if len(sizes) else 0
     max_g = int(groups.max()) if len(groups) else 0
     moved = caps.to(device).split(sizes) if batches else []

@@ -114,13 +114,7 @@ class Split:
 
     def triples(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Captions idx (B,) -> rel, w1, w2, owner (T,) with owner in [0, B): a ragged gather, no Python loop."""
-        st = self.store
-        c = self.cap_rows[idx.to(self.cap_rows.device)]  # (B,) global caption rows
-        start, lens = st.offsets[c], st.offsets[c + 1] - st.offsets[c]  # (B,), (B,)
-        owner = torch.repeat_interleave(torch.arange(len(c), device=c.device), lens)  # (T,)
-        first = torch.cumsum(lens, 0) - lens  # (B,) where each caption's run starts in the output
-        t = start[owner] + torch.arange(owner.numel(), device=c.device) - first[owner]  # (T,) global triples
-        return st.rel[t], st.w1[t], st.w2[t], owner
+        return self.padded_triples(idx)
 
     def padded_triples(self, idx: Tensor, length: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``triples`` padded to ``length`` rows (None: this batch's own count): rel, w1, w2, owner (length,),
