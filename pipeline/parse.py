@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .cache import cache_folder, file_sha256, write_triple_shard
 from .network import reachable
+from .arclabels import use_arc_labels
 from .tagmemo import fast_batches, remember_tag_strings
 from .treedecode import use_batched_decoder
 from .triples import DEFAULT_SKIP_RELATIONS, Triple, document_triples, parse_skip_relations
@@ -361,6 +362,7 @@ def get_pipeline(s: ParseSettings, pretokenized: bool):
     except (ResourcesFileNotFoundError, FileNotFoundError) as e:
         raise _missing(s, str(e)) from e
     use_batched_decoder(nlp)  # Stanza's trees, decoded for a whole parser batch at once
+    use_arc_labels(nlp)  # relations scored on the decoded arcs only (Stanza's labels)
     remember_tag_strings(nlp)  # each tag string built once (the same strings)
     _PIPELINES[key] = nlp
     return nlp

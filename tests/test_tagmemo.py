@@ -12,6 +12,7 @@ import torch
 from stanza.models.common.data import get_long_tensor
 
 from data import load_dataset
+from pipeline.arclabels import use_arc_labels
 from pipeline.parse import ParseSettings, get_pipeline
 from pipeline.tagmemo import fast_batches, padded_long_tensor, remember_tag_strings
 from pipeline.treedecode import use_batched_decoder
@@ -86,10 +87,12 @@ def test_remembered_tag_strings_are_stanzas(nlp):
 
 def test_captions_parse_identically_with_and_without_the_speedups(nlp):
     """600 real Flickr8k captions through the pipeline: every word's tags, lemma, head and relation are the same
-    with the batched decoder, the remembered tag strings and the numpy batches as with Stanza's own code."""
+    with the pipeline's speedups (relations on the decoded arcs, the batched decoder, the remembered tag strings,
+    the numpy batches) as with Stanza's own code."""
     texts = [" ".join(c.text.split()) for c in load_dataset(FLICKR).captions[:600]]
 
     def parse(on: bool):
+        use_arc_labels(nlp, on)
         use_batched_decoder(nlp, on)
         remember_tag_strings(nlp, on)
         docs = [stanza.Document([], text=t) for t in texts]
@@ -101,6 +104,7 @@ def test_captions_parse_identically_with_and_without_the_speedups(nlp):
     try:
         fast, plain = parse(True), parse(False)
     finally:
+        use_arc_labels(nlp, True)
         use_batched_decoder(nlp, True)
         remember_tag_strings(nlp, True)
 
