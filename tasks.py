@@ -459,6 +459,9 @@ class TrainEmbedding(DatasetTask):
     # running
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
     memory_budget_gb = luigi.FloatParameter(default=8.0, description="larger feature caches stream from the shards")
+    stream = luigi.ChoiceParameter(choices=["auto", "rows", "shards"], default="auto", significant=False,
+                                   description="streamed features: rows (each batch's own, the same batches as in "
+                                   "memory), shards (windows of whole shards, for caches larger than memory), auto")
     run_dir = luigi.Parameter(default="", description="runs folder (default: [defrag] run_dir)")
     run_name = luigi.Parameter(default="", description="run folder name (default: a hash of config and caches)")
     resume = luigi.BoolParameter(default=False, significant=False, description="continue from checkpoint-last.pt")

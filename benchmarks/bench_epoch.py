@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0)
+    ap.add_argument("--stream", default="auto", choices=["auto", "rows", "shards"],
+                    help="features over the budget: each batch's rows, or windows of whole shards")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time only this many batches of the epoch and extrapolate (0: the whole epoch)")
@@ -268,14 +270,16 @@ def main() -> None:
     t = time.time()
     store = FragmentStore(root / "regions" / "bench30k", root / "triples" / "bench30k", root / "vocab.json",
                           json.loads((root / "splits.json").read_text()),
-                          memory_budget_bytes=int(a.memory_budget_gb * 2**30), device=resolve_device(a.device))
+                          memory_budget_bytes=int(a.memory_budget_gb * 2**30), device=resolve_device(a.device),
+                          stream=a.stream)
     load_s = time.time() - t
     d = store.describe()
     print(f"store: {d['train_images']} train / {d['val_images']} val images, {d['captions']} captions, "
           f"{d['triples']} triples, {store.n_words} words; features {store.feature_bytes / 1e9:.2f} GB "
-          f"({'streaming' if store.streaming else 'in memory'}); loaded in {load_s:.1f} s")
+          f"({'streaming ' + ('rows' if store.features.by_rows else 'shards') if store.streaming else 'in memory'}); "
+          f"loaded in {load_s:.1f} s")
     cfg = TrainConfig(epochs=1, device=a.device, memory_budget_gb=a.memory_budget_gb, max_batches=a.max_batches,
-                      progress=not a.no_progress, compile=a.compile)
+                      progress=not a.no_progress, compile=a.compile, stream=a.stream)
     timeline.phase("training setup")
     watch_training_phases(timeline)
     with tempfile.TemporaryDirectory() as runs:

@@ -3,12 +3,15 @@
 One global table of images (features (N, K, D) float16, mask (N, K)) and one of captions (triples as id
 tensors rel, w1, w2 (T,) with offsets (M+1,)); a ``Split`` is a view (row indices) into both, so splits and
 subsets never copy features. Features live in memory (on the GPU once when they fit), or, when they exceed
-the memory budget, stay in the HDF5 shards and are read through a bounded LRU of whole shards.
+the memory budget, stay in the HDF5 shards: each batch reads its own rows (the same batches as in memory), or
+whole shards are read through a bounded LRU for a cache larger than the machine's memory (``stream``).
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import K_FRAGMENTS, CacheError, canonical_json, list_shards, open_shard, read_strings, shard_info
+from pipeline.cache import (K_FRAGMENTS, CacheError, canonical_json, damaged, list_shards, open_shard, read_strings,
+                           shard_info)
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +41,29 @@ class MemoryFeatures:
         return MemoryFeatures(self.feats.to(device))
 
 
+STREAM_MODES = ("auto", "rows", "shards")
+
+
 class ShardFeatures:
-    """Features read from the region shards on demand; at most ``max_bytes`` of whole shards stay cached."""
+    """Features read from the region shards on demand, in one of two ways.
+
+    ``by_rows``: each batch reads just its images' rows from the shards (kept open, at most ``max_open`` files),
+    so batches are exactly those of features in memory; the files' pages live in the OS page cache, not in this
+    process. Otherwise whole shards are read and at most ``max_bytes`` of them stay cached (LRU): the trainer
+    then keeps each batch inside one window of shards, so each shard is read about once per epoch (the way for a
+    cache larger than the machine's memory).
+    """
 
     def __init__(self, shards: list[Path], shard_of: np.ndarray, row_of: np.ndarray, shard_bytes: list[int],
-                 max_bytes: int, device: str | torch.device = "cpu"):
+                 max_bytes: int, device: str | torch.device = "cpu", by_rows: bool = False, max_open: int = 64):
         self.shards, self.shard_of, self.row_of, self.shard_bytes = shards, shard_of, row_of, shard_bytes
-        self.max_bytes, self.device = max_bytes, torch.device(device)
+        self.max_bytes, self.device, self.by_rows, self.max_open = max_bytes, torch.device(device), by_rows, max_open
         self.cache: OrderedDict[int, Tensor] = OrderedDict()  # shard index -> (n, K, D) float16, LRU order
-        self.loads = 0  # shard reads so far (the streaming benchmark and tests read it)
+        self.files: OrderedDict[int, tuple[ExitStack, Any]] = OrderedDict()  # shard -> (its open file, features)
+        self.loads = 0  # shard reads so far, or rows read by_rows (the streaming benchmark and tests read it)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[np.ndarray, Future] | None = None  # (rows, their read in the background)
+        self.prefetched = 0  # gets served by a background read
 
     def _shard(self, s: int) -> Tensor:
         if s in self.cache:
@@ -59,9 +77,66 @@ class ShardFeatures:
             self.cache.popitem(last=False)  # evict the least recently used shard
         return feats
 
+    def _open(self, s: int) -> Any:
+        """The features dataset of shard s, opened (and checked) once; the least recently used file closes."""
+        if s in self.files:
+            self.files.move_to_end(s)
+            return self.files[s][1]
+        stack = ExitStack()
+        dset = stack.enter_context(open_shard(self.shards[s], "regions"))["features"]
+        self.files[s] = (stack, dset)
+        while len(self.files) > self.max_open:
+            self.files.popitem(last=False)[1][0].close()
+        return dset
+
+    def _read_rows(self, shard: np.ndarray, local: np.ndarray) -> Tensor:
+        out = None
+        for j in np.lexsort((local, shard)):  # shard by shard, rows in file order
+            s, r = int(shard[j]), int(local[j])
+            dset = self._open(s)
+            if out is None:
+                out = np.empty((len(shard),) + tuple(dset.shape[1:]), np.float16)
+            try:
+                if dset.dtype == np.float16:
+                    dset.read_direct(out, np.s_[r:r + 1], np.s_[j:j + 1])
+                else:
+                    out[j] = dset[r]
+            except OSError as e:
+                raise damaged(self.shards[s], e) from None
+        self.loads += len(shard)
+        return torch.from_numpy(out)
+
+    def prefetch(self, rows: Tensor) -> None:
+        """Start reading ``rows`` in a background thread (by_rows), while the caller computes; ``get`` of the same
+        rows then takes the result. The reads overlap the training step's matrix products."""
+        if not self.by_rows or not len(rows):
+            return
+        self._wait()
+        rows_np = rows.cpu().numpy().copy()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="defrag-prefetch")
+        self._pending = (rows_np, self._pool.submit(self._read_rows, self.shard_of[rows_np], self.row_of[rows_np]))
+
+    def _wait(self, rows: np.ndarray | None = None) -> Tensor | None:
+        """Finish the background read; its result when it read exactly ``rows``. One reader at a time."""
+        if self._pending is None:
+            return None
+        (want, future), self._pending = self._pending, None
+        if rows is not None and np.array_equal(want, rows):
+            self.prefetched += 1
+            return future.result()  # a read error surfaces here, as it would have in get
+        future.exception()  # not what is asked for: wait it out; an error will recur when those rows are read
+        return None
+
     def get(self, rows: Tensor) -> Tensor:
         rows_np = rows.cpu().numpy()
+        if rows_np.size == 0:
+            raise ValueError("no rows requested")
         shard, local = self.shard_of[rows_np], self.row_of[rows_np]
+        if self.by_rows:
+            got = self._wait(rows_np)
+            got = self._read_rows(shard, local) if got is None else got
+            return got.to(self.device, non_blocking=True)
         out = None
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
@@ -69,12 +144,40 @@ class ShardFeatures:
             if out is None:
                 out = block.new_empty((len(rows_np),) + tuple(block.shape[1:]))
             out[torch.from_numpy(sel)] = block
-        if out is None:
-            raise ValueError("no rows requested")
         return out.to(self.device, non_blocking=True)
 
+    def close(self) -> None:
+        """Close the shards kept open (by_rows); later reads open them again."""
+        self._wait()
+        while self.files:
+            self.files.popitem()[1][0].close()
+
     def to(self, device: str | torch.device) -> "ShardFeatures":
-        return ShardFeatures(self.shards, self.shard_of, self.row_of, self.shard_bytes, self.max_bytes, device)
+        return ShardFeatures(self.shards, self.shard_of, self.row_of, self.shard_bytes, self.max_bytes, device,
+                             self.by_rows, self.max_open)
+
+
+def stream_by_rows(mode: str, shards: Sequence[Path]) -> bool:
+    """Whether streamed features are read row by row (``mode`` "rows"), by windows of whole shards ("shards"), or,
+    "auto", by rows when the shard files fit in half the machine's available memory (the OS keeps them in its
+    page cache, so random reads stay fast), else by windows."""
+    if mode not in STREAM_MODES:
+        raise ValueError(f"stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "rows"
+    files = sum(Path(p).stat().st_size for p in shards)
+    return files < 0.5 * available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work (Linux MemAvailable; elsewhere 0, so "auto" reads by windows)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -111,6 +214,12 @@ class Split:
         """Images idx (B,) of this split -> feats (B, K, D) float16, mask (B, K) bool, on the store's device."""
         g = self.rows[idx.to(self.rows.device)]
         return self.store.features.get(g), self.store.mask[g]
+
+    def prefetch_images(self, caps: Tensor) -> None:
+        """Start reading the images of captions ``caps`` when features stream by rows (else nothing to do)."""
+        feats = self.store.features
+        if isinstance(feats, ShardFeatures) and feats.by_rows:
+            feats.prefetch(self.rows[self.caption_image[caps.to(self.rows.device)]])
 
     def triples(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Captions idx (B,) -> rel, w1, w2, owner (T,) with owner in [0, B): a ragged gather, no Python loop."""
@@ -263,11 +372,13 @@ class FragmentStore:
     "triples"}: the shards' producer records) refuses caches made by another detector, weights or parser; every
     shard of a folder must share one producer in any case. ``device``: where in-memory features are loaded,
     shard by shard (a GPU only when they fit it; the rest of the store stays on the CPU until ``to``).
+    ``stream``: how features over the budget are read ("auto" | "rows" | "shards", see ``stream_by_rows``).
     """
 
     def __init__(self, region_folder: str | Path, triple_folder: str | Path, vocab: Any,
                  splits: Mapping[str, str], *, skip_unknown: bool = False, memory_budget_bytes: int | None = None,
-                 producers: Mapping[str, Mapping[str, Any]] | None = None, device: str | torch.device = "cpu"):
+                 producers: Mapping[str, Mapping[str, Any]] | None = None, device: str | torch.device = "cpu",
+                 stream: str = "auto"):
         self.region_folder, self.triple_folder = Path(region_folder), Path(triple_folder)
         if isinstance(vocab, (str, Path)):
             from pipeline.vocab import load_vocab
@@ -294,11 +405,15 @@ class FragmentStore:
         feature_bytes = len(reg["ids"]) * K_FRAGMENTS * self.feat_dim * 2
         self.feature_bytes = feature_bytes
         self.streaming = memory_budget_bytes is not None and feature_bytes > memory_budget_bytes
+        by_rows = stream_by_rows(stream, reg["shards"])
         if self.streaming:
-            log.info("features (%.2f GB) exceed the memory budget (%.2f GB): streaming from %d shards",
-                     feature_bytes / 1e9, memory_budget_bytes / 1e9, len(reg["shards"]))
+            log.info("features (%.2f GB) exceed the memory budget (%.2f GB): streaming from %d shards, %s",
+                     feature_bytes / 1e9, memory_budget_bytes / 1e9, len(reg["shards"]),
+                     "each batch's rows (the same batches as in memory)" if by_rows else
+                     "by windows of whole shards (batches stay inside a window)")
             self.features: MemoryFeatures | ShardFeatures = ShardFeatures(
-                reg["shards"], reg["shard_of"], reg["row_of"], reg["shard_bytes"], memory_budget_bytes)
+                reg["shards"], reg["shard_of"], reg["row_of"], reg["shard_bytes"], memory_budget_bytes,
+                by_rows=by_rows)
         else:  # straight onto a GPU that has room for them (the trainer's peak host memory stays low)
             on = device if torch.device(device).type == "cpu" or fits_on(device, feature_bytes) else "cpu"
             self.features = MemoryFeatures(_load_features(reg["shards"], len(reg["ids"]), K_FRAGMENTS,

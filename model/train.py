@@ -68,10 +68,11 @@ class TrainConfig:
     # running (not part of the run's identity)
     device: str = "auto"
     memory_budget_gb: float = 8.0
+    stream: str = "auto"  # features over the budget: "rows" (each batch's rows), "shards" (windows), auto
     progress: bool = True
     compile: bool = False  # torch.compile the step (CUDA graphs on a GPU: fixed shapes, no host sync)
 
-    RUNTIME = ("device", "progress", "epochs", "memory_budget_gb", "compile")  # may change when a run resumes
+    RUNTIME = ("device", "progress", "epochs", "memory_budget_gb", "stream", "compile")  # may change when a run resumes
 
     def objective_kwargs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("use_fragment", "use_global", "use_mil", "fragment_margin",
@@ -282,9 +283,9 @@ def _optimizer(model: DeFrag, config: TrainConfig, pretrained_words: bool = Fals
 def _window_groups(split: Split, store: FragmentStore, generator: torch.Generator) -> list[torch.Tensor] | None:
     """When features stream from shards: caption groups of windows of shards that fit half the budget, so each
     shard is read about once per epoch. None when features are in memory."""
-    if not store.streaming:
-        return None
     feats = store.features
+    if not store.streaming or feats.by_rows:  # every batch reads its own rows: no windows needed
+        return None
     shard = torch.as_tensor(feats.shard_of)[split.rows.cpu()]  # (N,) shard of each split image
     cap_shard = shard[split.caption_image.cpu()]  # (M,)
     order = torch.unique(shard)[torch.randperm(int(torch.unique(shard).numel()), generator=generator)]
@@ -377,7 +378,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         if splits is None:
             raise ValueError("train() needs the dataset's splits (image id -> split) or a built store")
         store = FragmentStore(region_folder, triple_folder, vocab_path, splits, skip_unknown=cfg.skip_unknown,
-                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30), producers=producers,
+                              memory_budget_bytes=int(cfg.memory_budget_gb * 2**30), stream=cfg.stream,
+                              producers=producers,
                               device=device)
     if store.skip_unknown != cfg.skip_unknown:
         raise ValueError(f"the store was built with skip_unknown={store.skip_unknown}, the configuration asks for "
@@ -464,6 +466,8 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
         log_lines = []
         for b, caps in enumerate(plan.batches):
             loss, frag, glob = padded_step(model, train_split, caps, device, obj, *fixed, loss_fn=loss_fn)
+            if b + 1 < len(plan.batches):  # streamed features: the next batch's rows are read during the backward
+                train_split.prefetch_images(plan.batches[b + 1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -70,6 +70,28 @@ def test_training_store_names_the_damaged_shard(tmp_path):
         _load_features([path], 50, 20, 64)
 
 
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "shards"])
+def test_streamed_features_name_the_damaged_shard(tmp_path, by_rows):
+    import torch
+
+    from model.store import ShardFeatures
+
+    good, bad = _regions(tmp_path / shard_name(0)), _regions(tmp_path / shard_name(1), seed=1)
+    _flip_inside_features(bad)
+    feats = ShardFeatures([good, bad], np.repeat([0, 1], 50), np.tile(np.arange(50), 2), [50 * 20 * 64 * 2] * 2,
+                          max_bytes=0, by_rows=by_rows)
+    assert feats.get(torch.tensor([3, 49])).shape == (2, 20, 64)  # the good shard reads
+    with pytest.raises(CacheError, match=rf"{bad.name} cannot be read: damaged .* delete it and rerun"):
+        feats.get(torch.tensor([3, 50]))
+    if by_rows:  # read ahead in the background: the error comes with the rows, and other rows still read
+        feats.prefetch(torch.tensor([50, 3]))
+        assert feats.get(torch.tensor([49])).shape == (1, 20, 64)
+        feats.prefetch(torch.tensor([50, 3]))
+        with pytest.raises(CacheError, match=rf"{bad.name} cannot be read: damaged"):
+            feats.get(torch.tensor([50, 3]))
+        feats.close()
+
+
 @pytest.mark.parametrize("cut", [1, 4096, "half"])
 def test_truncated_or_unfinished_shards_are_not_complete(tmp_path, cut):
     path = _regions(tmp_path / shard_name(0))

@@ -206,18 +206,27 @@ def test_store_maps_unknown_words_or_skips_them(planted):
                                                        for t in ps.triples[0]]
 
 
-def test_streaming_store_matches_memory(planted):
+@pytest.mark.parametrize("stream", ["shards", "rows"])
+def test_streaming_store_matches_memory(planted, stream):
     ps, reg, tri, voc = planted
     mem = FragmentStore(reg, tri, voc, ps.splits)
     shard_bytes = 7 * 20 * 8 * 2
-    stream = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes)
+    stream = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes, stream=stream)
     assert stream.streaming and not mem.streaming
-    for name, idx in (("train", [0, 17, 3, 9, 12]), ("val", [8, 0, 4])):
+    feats = stream.features
+    feats.max_open = 2
+    for name, idx in (("train", [0, 17, 3, 9, 12, 3]), ("val", [8, 0, 4])):  # unsorted, a row twice
         a, b = mem.split(name).images(torch.tensor(idx)), stream.split(name).images(torch.tensor(idx))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert len(stream.features.cache) <= 2  # the LRU never holds more than the budget
+    if feats.by_rows:  # rows read one by one from at most max_open open shards; no shard is held in memory
+        assert not feats.cache and 0 < len(feats.files) <= 2 and feats.loads == 9
+        feats.close()
+        assert not feats.files and torch.equal(stream.split("val").images(torch.tensor([1]))[0],
+                                               mem.split("val").images(torch.tensor([1]))[0])
+        return
+    assert len(feats.cache) <= 2  # the LRU never holds more than the budget
     # least recently used goes first: shards 0, 1, 0, 2 leave {0, 2}; shard 0 is not read again, shard 1 is
-    lru = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes).features
+    lru = FragmentStore(reg, tri, voc, ps.splits, memory_budget_bytes=2 * shard_bytes, stream="shards").features
     for s in (0, 1, 0, 2, 0):
         lru._shard(s)
     assert list(lru.cache) == [2, 0] and lru.loads == 3
@@ -227,6 +236,20 @@ def test_streaming_store_matches_memory(planted):
     m = DeFrag(8, len(load_vocab(voc).words), len(load_vocab(voc).relations), h=6, d=4)
     for x, y in zip(encode(m, mem.split("val"), "cpu", batch=4), encode(m, stream.split("val"), "cpu", batch=4)):
         assert torch.equal(x, y)
+
+
+def test_stream_modes(planted, monkeypatch):
+    import model.store as store_module
+
+    ps, reg, tri, voc = planted
+    small = dict(memory_budget_bytes=100)
+    assert FragmentStore(reg, tri, voc, ps.splits, stream="rows", **small).features.by_rows
+    assert not FragmentStore(reg, tri, voc, ps.splits, stream="shards", **small).features.by_rows
+    assert FragmentStore(reg, tri, voc, ps.splits, **small).features.by_rows  # auto: the files fit this machine
+    monkeypatch.setattr(store_module, "available_memory", lambda: 1000)  # a machine the files do not fit
+    assert not FragmentStore(reg, tri, voc, ps.splits, **small).features.by_rows
+    with pytest.raises(ValueError, match="stream must be one of auto, rows, shards, got 'row'"):
+        FragmentStore(reg, tri, voc, ps.splits, stream="row")
 
 
 def test_encode_matches_the_model_image_by_image_and_caption_by_caption(planted):

@@ -136,16 +136,38 @@ def test_streaming_training_reads_shards_through_a_bounded_cache(caches, tmp_pat
     ps, reg, tri, voc = caches
     budget_gb = 3 * 40 * 20 * 32 * 2 / 2**30  # three shards of the four
     budget = int(budget_gb * 2**30)
-    store = _store(caches, memory_budget_bytes=budget)
+    store = _store(caches, memory_budget_bytes=budget, stream="shards")
     assert store.streaming
-    s = train(TrainConfig(epochs=2, memory_budget_gb=budget_gb, **SMALL), reg, tri, voc, tmp_path, store=store)
+    s = train(TrainConfig(epochs=2, memory_budget_gb=budget_gb, stream="shards", **SMALL), reg, tri, voc, tmp_path,
+              store=store)
     feats = store.features
     assert len(feats.cache) <= 3 and feats.loads <= 2 * 8  # shard windows: each shard read about once an epoch
     assert s["best"]["val"]["rsum"] > 150
     # the first batch of a streaming run: the features read through the shard cache are the ones written
-    cfg = TrainConfig(epochs=1, max_batches=1, memory_budget_gb=budget_gb, **SMALL)
-    one = train(cfg, reg, tri, voc, tmp_path / "one", store=_store(caches, memory_budget_bytes=budget))
+    cfg = TrainConfig(epochs=1, max_batches=1, memory_budget_gb=budget_gb, stream="shards", **SMALL)
+    one = train(cfg, reg, tri, voc, tmp_path / "one",
+                store=_store(caches, memory_budget_bytes=budget, stream="shards"))
     assert _logged(one) == pytest.approx(first_batch_loss(_store(caches), cfg, store), rel=1e-4)
+
+
+def test_streaming_rows_trains_exactly_as_in_memory(caches, tmp_path):
+    """Features read row by row from the shards: the same batches, the same losses and weights, bit for bit, as
+    with all features in memory; no shard is held whole."""
+    ps, reg, tri, voc = caches
+    budget_gb = 40 * 20 * 32 * 2 / 2**30  # one shard of the four
+    cfg = dict(epochs=2, **SMALL)
+    mem = train(TrainConfig(**cfg), reg, tri, voc, tmp_path / "mem", store=_store(caches))
+    store = _store(caches, memory_budget_bytes=int(budget_gb * 2**30), stream="rows")
+    rows = train(TrainConfig(memory_budget_gb=budget_gb, stream="rows", **cfg), reg, tri, voc, tmp_path / "rows",
+                 store=store)
+    feats = store.features
+    assert store.streaming and feats.by_rows and not feats.cache and feats.loads > 0
+    assert feats.prefetched >= 2 * (rows["last"]["batches"] - 1)  # every batch but each epoch's first read ahead
+    assert rows["name"] == mem["name"]  # how features are read is not part of the run
+    a, b = (torch.load(tmp_path / d / mem["name"] / "checkpoint-last.pt", weights_only=False) for d in ("mem", "rows"))
+    keys = ("loss", "fragment", "global", "val")
+    assert [[e[k] for k in keys] for e in a["history"]] == [[e[k] for k in keys] for e in b["history"]]
+    assert len(a["history"]) == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @pytest.mark.parametrize("kw", [dict(use_fragment=False), dict(use_global=False, use_mil=False),
