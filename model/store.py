@@ -161,12 +161,16 @@ def stream_by_rows(mode: str, shards: Sequence[Path]) -> bool:
     """Whether streamed features are read row by row (``mode`` "rows"), by windows of whole shards ("shards"), or,
     "auto", by rows when the shard files fit in half the machine's available memory (the OS keeps them in its
     page cache, so random reads stay fast), else by windows."""
-    if mode not in STREAM_MODES:
-        raise ValueError(f"stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
+    check_stream(mode)
     if mode != "auto":
         return mode == "rows"
     files = sum(Path(p).stat().st_size for p in shards)
     return files < 0.5 * available_memory()
+
+
+def check_stream(mode: str) -> None:
+    if mode not in STREAM_MODES:
+        raise ValueError(f"stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
 
 
 def available_memory() -> int:
@@ -405,8 +409,9 @@ class FragmentStore:
         feature_bytes = len(reg["ids"]) * K_FRAGMENTS * self.feat_dim * 2
         self.feature_bytes = feature_bytes
         self.streaming = memory_budget_bytes is not None and feature_bytes > memory_budget_bytes
-        by_rows = stream_by_rows(stream, reg["shards"])
+        check_stream(stream)
         if self.streaming:
+            by_rows = stream_by_rows(stream, reg["shards"])  # auto: sizes up the shard files, only when streaming
             log.info("features (%.2f GB) exceed the memory budget (%.2f GB): streaming from %d shards, %s",
                      feature_bytes / 1e9, memory_budget_bytes / 1e9, len(reg["shards"]),
                      "each batch's rows (the same batches as in memory)" if by_rows else

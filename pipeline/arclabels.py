@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .treedecode import _label_groups, mst_heads
+from .treedecode import _label_groups, assemble, mst_heads, violations
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 CHUNK_WORDS = 512  # arcs scored per product: a (512, J x R) float32 intermediate (10 MB at J 101, R 49)
@@ -103,16 +103,6 @@ def abs_weight_norms(weight: Tensor) -> Tensor:
     return _NORMS[key][1]
 
 
-def _violations(raw: np.ndarray, groups: np.ndarray, heads: np.ndarray, is_word: np.ndarray) -> set[int]:
-    """Sentences in which one head has two dependents of one constrained group (two subjects, two objects)."""
-    B, T = heads.shape
-    g = groups[raw]  # (B, T-1)
-    count = np.zeros((B, T, max(int(groups.max(initial=-1)) + 1, 1)), dtype=np.int64)
-    bi, jj = np.nonzero(is_word & (g >= 0))
-    np.add.at(count, (bi, heads[bi, jj + 1], g[bi, jj]), 1)
-    return set(np.nonzero((count > 1).any(axis=(1, 2)))[0].tolist())
-
-
 def _stanza_labels(full: Tensor, heads: np.ndarray, resolve_head_constraints: bool) -> np.ndarray:
     """Stanza's raw label of each word of one sentence from its own scores full (T0, T0, R): the argmax of the
     log-softmax in numpy (resolve mode) or torch's max of the scores, read on the tree's arcs."""
@@ -128,7 +118,6 @@ def predict(model: Any, word, word_mask, wordchars, wordchars_mask, upos, xpos, 
             deprel, word_orig_idx, sentlens, wordlens, text, resolve_head_constraints: bool = False):
     """``GraphParser.predict`` with relations scored on the decoded arcs only; the same output as Stanza's."""
     from stanza.models.common.vocab import VOCAB_PREFIX_SIZE
-    from stanza.models.depparse.head_constraints import resolve_head_constraint_violations
 
     scorer = model.deprel
     capture = _Capture()
@@ -172,24 +161,12 @@ def predict(model: Any, word, word_mask, wordchars, wordchars_mask, upos, xpos, 
         raw[i, : lens[i] - 1] = _stanza_labels(own(i), heads[i, : lens[i]], resolve_head_constraints)
     violated: set[int] = set()
     if resolve_head_constraints:
-        violated = _violations(raw, _label_groups(vocab, bilinear.weight.shape[-1]), heads, is_word)
+        violated = violations(raw, _label_groups(vocab, bilinear.weight.shape[-1]), heads, is_word)
     counts["arcs"] += len(bi)
     counts["rescored"] += len(unsure)
     counts["repaired"] += len(violated)
-    flat = vocab.unmap((raw[is_word] + VOCAB_PREFIX_SIZE).tolist())
-    out, k = [], 0
-    for i in range(B):
-        nw = int(lens[i]) - 1
-        if i in violated:  # Stanza's own repair, on exactly the inputs it would get
-            l = nw + 1
-            label_logp = F.log_softmax(own(i), 2).detach().cpu().numpy()[:l, :l, :]
-            tree, raw_ids = resolve_head_constraint_violations(arc_logp[i][:l, :l], label_logp, heads[i, :l].copy(),
-                                                               vocab)
-            rels, hs = vocab.unmap([r + VOCAB_PREFIX_SIZE for r in raw_ids]), tree[1:]
-        else:
-            rels, hs = flat[k:k + nw], heads[i, 1:nw + 1]
-        k += nw
-        out.append([[hs[j], rels[j]] for j in range(nw)])
+    out = assemble(vocab, lens, heads, raw + VOCAB_PREFIX_SIZE, violated, arc_logp,
+                   lambda i: F.log_softmax(own(i), 2).cpu().numpy())
     return out[: word.size(0)]
 
 

@@ -20,7 +20,7 @@ other Pipeline, are untouched).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -188,6 +188,44 @@ def _label_groups(vocab: Any, num_relations: int) -> np.ndarray:
     return _GROUPS[key][1]
 
 
+def violations(raw: np.ndarray, groups: np.ndarray, heads: np.ndarray, is_word: np.ndarray) -> set[int]:
+    """Sentences in which one head has two dependents of one constrained group (two subjects, two objects).
+
+    raw (B, T-1): each word's relation id without the vocabulary prefix; groups: ``_label_groups``; heads (B, T);
+    is_word (B, T-1): which positions are words."""
+    B, T = heads.shape
+    g = groups[raw]  # (B, T-1)
+    count = np.zeros((B, T, max(int(groups.max(initial=-1)) + 1, 1)), dtype=np.int64)
+    bi, jj = np.nonzero(is_word & (g >= 0))
+    np.add.at(count, (bi, heads[bi, jj + 1], g[bi, jj]), 1)
+    return set(np.nonzero((count > 1).any(axis=(1, 2)))[0].tolist())
+
+
+def assemble(vocab: Any, lens: np.ndarray, heads: np.ndarray, ids: np.ndarray, violated: set[int],
+             arc_logp: np.ndarray, label_logp: Callable[[int], np.ndarray]) -> list[list[list[Any]]]:
+    """Stanza's per-sentence output [[head, relation], ...] from the decoded heads (B, T) and relation ids (B, T-1,
+    with the vocabulary prefix); a sentence in ``violated`` goes to Stanza's own repair, on exactly the inputs it
+    would get: its arc log-probs and ``label_logp(i)``, its (T0, T0, R) relation log-probs."""
+    from stanza.models.common.vocab import VOCAB_PREFIX_SIZE
+    from stanza.models.depparse.head_constraints import resolve_head_constraint_violations
+
+    is_word = np.arange(1, heads.shape[1])[None, :] < lens[:, None]
+    flat = vocab.unmap(ids[is_word].tolist())
+    out, k = [], 0
+    for i in range(len(lens)):
+        nw = int(lens[i]) - 1
+        if i in violated:
+            l = nw + 1
+            tree, raw_ids = resolve_head_constraint_violations(arc_logp[i][:l, :l], label_logp(i)[:l, :l, :],
+                                                               heads[i, :l].copy(), vocab)
+            rels, hs = vocab.unmap([r + VOCAB_PREFIX_SIZE for r in raw_ids]), tree[1:]
+        else:
+            rels, hs = flat[k:k + nw], heads[i, 1:nw + 1]
+        k += nw
+        out.append([[hs[j], rels[j]] for j in range(nw)])
+    return out
+
+
 def decode_graph_predictions(vocab: Any, batch_size: int, preds: Sequence[np.ndarray], sentlens: Sequence[int],
                              resolve_head_constraints: bool = False) -> list[list[list[Any]]]:
     """Stanza's ``GraphParser.decode_graph_predictions`` for a whole batch at once, with identical output.
@@ -195,7 +233,6 @@ def decode_graph_predictions(vocab: Any, batch_size: int, preds: Sequence[np.nda
     preds: Stanza's (arc log-probs (B, T, T), best relation ids (B, T, T), relation log-probs (B, T, T, R)).
     """
     from stanza.models.common.vocab import VOCAB_PREFIX_SIZE
-    from stanza.models.depparse.head_constraints import resolve_head_constraint_violations
 
     lens = np.asarray(sentlens, dtype=np.int64)
     B = len(lens)
@@ -206,31 +243,12 @@ def decode_graph_predictions(vocab: Any, batch_size: int, preds: Sequence[np.nda
     hw = heads[:, 1:]
     if resolve_head_constraints:
         raw = preds[2][rows, words, hw].argmax(-1)  # (B, T-1): best relation on each chosen arc
-        groups = _label_groups(vocab, preds[2].shape[-1])[raw]
-        # a head with two dependents of one group (two subjects, two objects) is a violation
-        count = np.zeros((B, T, max(int(groups.max(initial=-1)) + 1, 1)), dtype=np.int64)
-        bi, jj = np.nonzero(is_word & (groups >= 0))
-        np.add.at(count, (bi, hw[bi, jj], groups[bi, jj]), 1)
+        violated = violations(raw, _label_groups(vocab, preds[2].shape[-1]), heads, is_word)
         ids = raw + VOCAB_PREFIX_SIZE
-        violated = set(np.nonzero((count > 1).any(axis=(1, 2)))[0].tolist())
     else:
         ids = preds[1][rows, words, hw]
         violated = set()
-    flat = vocab.unmap(ids[is_word].tolist())
-    out, k = [], 0
-    for i in range(B):
-        nw = int(lens[i]) - 1
-        if i in violated:  # Stanza's own repair, on exactly the inputs it would get
-            l = nw + 1
-            tree, raw_ids = resolve_head_constraint_violations(preds[0][i][:l, :l], preds[2][i][:l, :l, :],
-                                                               heads[i, :l].copy(), vocab)
-            rels = vocab.unmap([r + VOCAB_PREFIX_SIZE for r in raw_ids])
-            hs = tree[1:]
-        else:
-            rels, hs = flat[k:k + nw], heads[i, 1:nw + 1]
-        k += nw
-        out.append([[hs[j], rels[j]] for j in range(nw)])
-    return out[:batch_size]
+    return assemble(vocab, lens, heads, ids, violated, preds[0], lambda i: preds[2][i])[:batch_size]
 
 
 def use_batched_decoder(nlp: Any, on: bool = True) -> bool:
