@@ -208,3 +208,40 @@ def test_score_matrix_uses_the_objective():
     torch.testing.assert_close(score_matrix(img_vecs, img_owner, 5, sent_vecs, sent_owner, 4,
                                             images_per_chunk=2), full.float())
     torch.testing.assert_close(full.float(), reference_scores(img_vecs, img_owner, 5, sent_vecs, sent_owner, 4))
+
+
+def standard_protocol(sims):
+    """The field's evaluation as the VSE/SCAN ``i2t``/``t2i`` code computes it, written here from that protocol:
+    sims is (N, 5N) with captions 5i..5i+4 belonging to image i; each query sorts its candidates by descending
+    score (``argsort(...)[::-1]``), ranks are 0-based positions, R@K = 100 * mean(rank < K),
+    medr = floor(median(rank)) + 1, meanr = mean(rank) + 1. Returns (annotation, search) as 5-tuples."""
+    n = sims.shape[0]
+    ann = np.zeros(n)
+    for i in range(n):
+        order = np.argsort(sims[i])[::-1]
+        ann[i] = min(np.where(order == j)[0][0] for j in range(5 * i, 5 * i + 5))
+    search = np.zeros(5 * n)
+    for j in range(5 * n):
+        order = np.argsort(sims[:, j])[::-1]
+        search[j] = np.where(order == j // 5)[0][0]
+
+    def summary(r):
+        return tuple(100.0 * np.mean(r < k) for k in (1, 5, 10)) + (np.floor(np.median(r)) + 1, r.mean() + 1)
+    return summary(ann), summary(search)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_agrees_with_the_standard_evaluation_protocol(seed):
+    # Continuous scores (no ties, where the pessimistic rule and argsort agree) with weak signal, so the ranks
+    # spread over 1..N; 38 images x 190 captions in the layout the standard code assumes (even counts, so a
+    # median can fall between two ranks and the floor matters).
+    rng = np.random.default_rng(seed)
+    n = 38
+    caption_image = np.repeat(np.arange(n), 5)
+    sims = rng.normal(size=(n, 5 * n)) + 0.5 * (np.arange(n)[:, None] == caption_image[None, :])
+    want_a, want_s = standard_protocol(sims)
+    m = retrieval_metrics(sims, caption_image)
+    for want, d in ((want_a, "annotation"), (want_s, "search")):
+        got = tuple(100 * m[d][f"r{k}"] for k in (1, 5, 10)) + (m[d]["medr"], m[d]["meanr"])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert 1 < m["search"]["medr"] < n  # not a degenerate all-first or all-last matrix
