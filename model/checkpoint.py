@@ -104,6 +104,17 @@ def load_checkpoint(path: str | Path, expect_vocab_key: str | None = None,
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointUnreadable(f"checkpoint {path} cannot be read ({_load_failure(e)}): "
                                    "it is damaged or not a defrag checkpoint") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
+        got = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointUnreadable(f"checkpoint {path} is not a defrag checkpoint (it holds {got}, not a model "
+                                   "and its model_config): give a checkpoint written by TrainEmbedding")
+    check_checkpoint(ckpt, path, expect_vocab_key, expect_cache_keys)
+    return ckpt
+
+
+def check_checkpoint(ckpt: Mapping[str, Any], path: str | Path, expect_vocab_key: str | None = None,
+                     expect_cache_keys: Mapping[str, str] | None = None) -> None:
+    """Refuse a checkpoint of another vocabulary or another cache than the caller reads, naming both."""
     if expect_vocab_key is not None and ckpt.get("vocab_key") != expect_vocab_key:
         raise CheckpointError(f"checkpoint {path} was trained with vocabulary {ckpt.get('vocab_key')!r}, but "
                               f"this run uses vocabulary {expect_vocab_key!r}: use a run of this vocabulary "
@@ -115,7 +126,6 @@ def load_checkpoint(path: str | Path, expect_vocab_key: str | None = None,
                 raise CheckpointError(f"checkpoint {path} was trained on the {kind} cache {have.get(kind)!r}, "
                                       f"but this run reads {key!r}: use a run of this cache or start a new "
                                       "run (another --run-name)")
-    return ckpt
 
 
 def checkpoint_path(run_dir_or_ckpt: str | Path, which: str = "best") -> Path:
@@ -133,7 +143,13 @@ def load_model(run_dir_or_ckpt: str | Path, device: str | torch.device = "cpu", 
                expect_vocab_key: str | None = None,
                expect_cache_keys: Mapping[str, str] | None = None) -> tuple[DeFrag, dict[str, Any]]:
     """Rebuild the trained DeFrag model of a run folder (its best checkpoint) or of a checkpoint file."""
-    ckpt = load_checkpoint(checkpoint_path(run_dir_or_ckpt, which), expect_vocab_key, expect_cache_keys)
-    model = DeFrag(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    path = checkpoint_path(run_dir_or_ckpt, which)
+    ckpt = load_checkpoint(path, expect_vocab_key, expect_cache_keys)
+    try:
+        model = DeFrag(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config or weights of another model
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointUnreadable(f"checkpoint {path} does not rebuild a DeFrag model ({type(e).__name__}: "
+                                   f"{first}): it is damaged or not a defrag checkpoint") from None
     return model.to(device).eval(), ckpt

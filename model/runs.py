@@ -21,7 +21,7 @@ from torch import Tensor
 from pipeline.cache import CacheError, list_shards, open_shard, read_region_shard, shard_info, write_text_atomic
 from pipeline.images import read_picture
 
-from .checkpoint import CheckpointError, checkpoint_path, load_model
+from .checkpoint import CheckpointError, check_checkpoint, checkpoint_path, load_model
 from .defrag import DeFrag
 from .evaluate import first_captions, metrics_table, protocol_metrics, score_matrix
 from .published import published
@@ -59,14 +59,20 @@ class Run:
         return bool(self.checkpoint["config"].get("threshold_global", True))
 
 
-def resolve_run(run: str | Path) -> Path:
-    """A run folder, or a run directory holding exactly one run, or the name of a run under ``runs/``."""
+def _existing(run: str | Path) -> Path:
     p = Path(run)
     if not p.exists() and (Path("runs") / p).exists():
         p = Path("runs") / p
     if not p.exists():
         raise RunError(f"run {run} does not exist: give a run folder (<run_dir>/<run name>), e.g. one written by "
                        "`luigi --module tasks TrainEmbedding ...`")
+    return p
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A run folder, or a run directory holding exactly one run, or the name of a run under ``runs/``, or a
+    checkpoint file (its folder)."""
+    p = _existing(run)
     if p.is_dir() and not (p / "config.json").exists():
         runs = sorted(q for q in p.iterdir() if (q / "config.json").exists())
         if len(runs) == 1:
@@ -109,7 +115,13 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
     from data import load_dataset
 
     folder = resolve_run(run)
-    config = json.loads((folder / "config.json").read_text())
+    named = _existing(run)
+    ckpt_path = named if named.is_file() else checkpoint_path(folder, which)  # a file given is the one loaded
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{folder / 'config.json'} cannot be read ({type(e).__name__}: {e}): the run folder is "
+                       "damaged; train it again (TrainEmbedding) or restore the file") from None
     if dataset is None or isinstance(dataset, (str, Path)):
         ref = dataset_reference(folder) or {}
         name = dataset or ref.get("dataset")
@@ -118,16 +130,20 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
                            "(and --image-root)")
         dataset = load_dataset(str(name), image_root or ref.get("image_root") or None)
     try:
-        model, ckpt = load_model(folder, device, which)
+        model, ckpt = load_model(ckpt_path, device, which)
     except CheckpointError as e:
         raise RunError(str(e)) from None
     store = FragmentStore(_source(config, "regions", folder), _source(config, "triples", folder),
                           _source(config, "vocab", folder), {im.image_id: im.split for im in dataset.images},
-                          skip_unknown=bool(ckpt["config"].get("skip_unknown", False)))
+                          skip_unknown=bool((ckpt.get("config") or {}).get("skip_unknown", False)))
     if store.vocab.key != ckpt.get("vocab_key"):
         raise RunError(f"the vocabulary {config['sources']['vocab']} (key {store.vocab.key}) is not the one "
-                       f"{checkpoint_path(folder, which)} was trained with ({ckpt.get('vocab_key')}): rebuild it "
+                       f"{ckpt_path} was trained with ({ckpt.get('vocab_key')}): rebuild it "
                        "with the run's settings or retrain")
+    try:  # a checkpoint copied in from another run reads other caches: its scores would be meaningless here
+        check_checkpoint(ckpt, ckpt_path, expect_cache_keys=store.cache_keys)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
     return Run(folder, model, ckpt, config, store, dataset, torch.device(device))
 
 

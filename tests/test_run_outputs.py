@@ -218,3 +218,55 @@ def test_open_run_without_dataset_record(run, tmp_path):
     with pytest.raises(RunError, match="pass --dataset"):
         open_run(copy)
     assert open_run(copy, dataset="demo").store.split("test").n_images == 2
+
+
+def _copy_run(run, tmp_path) -> Path:
+    copy = tmp_path / run.folder.name
+    shutil.copytree(run.folder, copy, ignore=shutil.ignore_patterns("report"))
+    return copy
+
+
+def test_a_checkpoint_file_given_is_the_one_loaded(run):
+    best, last = (torch.load(run.folder / f, weights_only=True) for f in ("checkpoint-best.pt", "checkpoint-last.pt"))
+    assert best["epoch"] != last["epoch"]  # the small run's best epoch is not its last one
+    for name, want in (("checkpoint-last.pt", last), ("checkpoint-best.pt", best)):
+        opened = open_run(run.folder / name)
+        assert opened.checkpoint["epoch"] == want["epoch"]
+        torch.testing.assert_close(opened.model.state_dict(), want["model"])
+
+
+def test_a_checkpoint_of_other_caches_is_refused(run, tmp_path, capsys):
+    # a checkpoint copied in from a run over another region cache: same vocabulary, other features
+    copy = _copy_run(run, tmp_path)
+    ckpt = torch.load(copy / "checkpoint-best.pt", weights_only=True)
+    ckpt["cache_keys"] = {**ckpt["cache_keys"], "regions": "demo-0123456789ab"}
+    torch.save(ckpt, copy / "checkpoint-best.pt")
+    assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on the regions cache 'demo-0123456789ab'" in err and run.checkpoint["cache_keys"]["regions"] in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "holds a list"),
+    ({"epoch": 3}, "holds keys ['epoch']"),
+    ("resized", "does not rebuild a DeFrag model (RuntimeError: Error(s) in loading state_dict"),
+])
+def test_a_checkpoint_that_is_not_a_defrag_one_is_named(run, tmp_path, capsys, content, message):
+    copy = _copy_run(run, tmp_path)
+    if content == "resized":  # a checkpoint of another model size under the same config
+        content = torch.load(copy / "checkpoint-best.pt", weights_only=True)
+        w = content["model"]["image_proj.weight"]
+        content["model"]["image_proj.weight"] = w[:, :-1]
+    torch.save(content, copy / "checkpoint-best.pt")
+    assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-best.pt" in err and message in err and "Traceback" not in err
+
+
+def test_a_damaged_run_config_is_named(run, tmp_path, capsys):
+    copy = _copy_run(run, tmp_path)
+    (copy / "config.json").write_text('{"name": "defrag-')
+    assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json cannot be read (JSONDecodeError" in err and "Traceback" not in err
