@@ -104,10 +104,9 @@ def load_checkpoint(path: str | Path, expect_vocab_key: str | None = None,
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointUnreadable(f"checkpoint {path} cannot be read ({_load_failure(e)}): "
                                    "it is damaged or not a defrag checkpoint") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
-        got = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise CheckpointUnreadable(f"checkpoint {path} is not a defrag checkpoint (it holds {got}, not a model "
-                                   "and its model_config): give a checkpoint written by TrainEmbedding")
+    if not isinstance(ckpt, dict):
+        raise CheckpointUnreadable(f"checkpoint {path} is not a defrag checkpoint (it holds a "
+                                   f"{type(ckpt).__name__}): give a checkpoint written by TrainEmbedding")
     check_checkpoint(ckpt, path, expect_vocab_key, expect_cache_keys)
     return ckpt
 
@@ -145,6 +144,10 @@ def load_model(run_dir_or_ckpt: str | Path, device: str | torch.device = "cpu", 
     """Rebuild the trained DeFrag model of a run folder (its best checkpoint) or of a checkpoint file."""
     path = checkpoint_path(run_dir_or_ckpt, which)
     ckpt = load_checkpoint(path, expect_vocab_key, expect_cache_keys)
+    if not {"model", "model_config"} <= set(ckpt):
+        raise CheckpointUnreadable(f"checkpoint {path} is not a defrag checkpoint (it holds keys "
+                                   f"{sorted(map(str, ckpt))[:8]}, not a model and its model_config): give a "
+                                   "checkpoint written by TrainEmbedding")
     try:
         model = DeFrag(**ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
