@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import load_dataset
-from feature_files import image_regions, tsv_line, write_precomp, write_tsv
+from feature_files import b64, image_regions, tsv_line, write_precomp, write_tsv
 from pipeline.cache import WHOLE_IMAGE_ROW, read_region_shard
 from pipeline.regions import RegionConfig, RegionExtractionError, region_cache_folder, run_shard
 from pipeline.sources import SourceError, describe_source
@@ -191,3 +191,80 @@ def test_one_index_pass_serves_every_shard(tsv_parts):
     assert index.stat().st_mtime_ns == stamp  # read, not rebuilt
     assert first.image_ids == names[:4] and last.image_ids == names[8:]
     assert json.loads(index.read_text())["rows"]["391903"][3] == 3  # line 3 of the third part
+
+
+def test_a_row_feeds_one_image_only():
+    # row 5 matches a/5.jpg by its file name; img_5.jpg's trailing number must not take the same row
+    rows = {"5": "five", "1": "one"}
+    ims = [ImageRecord("a/5.jpg", "a/5.jpg", "test"), ImageRecord("img_5.jpg", "img_5.jpg", "test"),
+           ImageRecord("1.jpg", "1.jpg", "test")]
+    assert match_images(ims, rows) == {"a/5.jpg": "five", "1.jpg": "one"}
+
+
+def _row_with(rng, **change) -> str:
+    """A 10-field (LXMERT) row of image 1 with one field replaced by a hostile value."""
+    b, f, c = image_regions(rng, 10, DIM)
+    b, f, c = change.get("boxes", b), change.get("feats", f), change.get("conf", c)
+    line = tsv_line(change.get("id", 1), b, f, c, h=change.get("h", 375), w=change.get("w", 500))
+    if "ids" in change:
+        fields = line.split("\t")
+        fields[3] = b64(np.asarray(change["ids"], np.int64))
+        line = "\t".join(fields)
+    return line
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(h=10 ** 12, w=10 ** 12), "image size 1000000000000 x 1000000000000 is out of range"),
+    (dict(feats="nan"), "features hold NaN or infinity (region 3)"),
+    (dict(boxes="nan"), "box 2 holds NaN or infinity"),
+    (dict(boxes="inverted"), "box 0 [90.0, 40.0, 10.0, 5.0]"),
+    (dict(boxes="far"), "not a box inside the row's 500 x 375 image"),
+    (dict(h=500, w=375, boxes="wide"), "width and height swapped"),
+    (dict(conf="nan"), "confidences hold NaN"),
+    (dict(ids=[2 ** 40 + 7] * 10), "class ids outside"),
+])
+def test_hostile_numbers_in_a_row_cost_only_that_image(tmp_path, change, reason):
+    rng = np.random.default_rng(4)
+    b, f, c = image_regions(rng, 10, DIM)
+    if change.get("feats") == "nan":
+        f = f.copy(); f[3, 5] = np.nan; change["feats"] = f  # noqa: E702
+    if isinstance(change.get("boxes"), str):
+        kind, b = change["boxes"], b.copy()
+        if kind == "nan":
+            b[2, 1] = np.nan
+        elif kind == "inverted":
+            b[0] = (90, 40, 10, 5)
+        elif kind == "far":
+            b[4] = (-1e9, 0, 1e9, 10)
+        else:  # a box 480 wide: fits 500 x 375, not the 375 x 500 the row claims
+            b[1] = (10, 10, 490, 300)
+        change["boxes"] = b
+    if change.get("conf") == "nan":
+        c = c.copy(); c[0] = np.nan; change["conf"] = c  # noqa: E702
+    write_tsv(tmp_path / "f.tsv", [_row_with(rng, **change), tsv_line(2, *image_regions(rng, 10, DIM)[:2])])
+    ds = load_dataset(str(jsonl(tmp_path / "c.jsonl", ["1.jpg", "2.jpg"])))
+    report, block, _ = shard(tmp_path, ds, f"butd-tsv:{tmp_path}/f.tsv", feature_dtype="float32")
+    assert block.image_ids == ["2.jpg"] and list(report.failed) == ["1.jpg"]
+    assert "f.tsv:1" in report.failed["1.jpg"] and reason in report.failed["1.jpg"], report.failed
+
+
+def test_one_odd_row_first_does_not_set_the_feature_size(tmp_path):
+    rng = np.random.default_rng(5)
+    odd = tsv_line(1, *image_regions(rng, 6, 2 * DIM)[:2])  # consistent in itself, but 128-d
+    write_tsv(tmp_path / "f.tsv", [odd] + [tsv_line(i, *image_regions(rng, 6, DIM)[:2]) for i in range(2, 7)])
+    assert describe_source(f"butd-tsv:{tmp_path}/f.tsv")["feature_dim"] == DIM
+    ds = load_dataset(str(jsonl(tmp_path / "c.jsonl", [f"{i}.jpg" for i in range(1, 7)])))
+    report, block, _ = shard(tmp_path, ds, f"butd-tsv:{tmp_path}/f.tsv")
+    assert list(report.failed) == ["1.jpg"] and "f.tsv:1" in report.failed["1.jpg"]
+    assert len(block.image_ids) == 5 and block.features.shape[-1] == DIM
+
+
+def test_a_damaged_row_index_is_rebuilt(tsv_parts):
+    tmp, truth = tsv_parts
+    ds = load_dataset(str(jsonl(tmp / "c.jsonl", [f"{i}.jpg" for i in truth])))
+    _, first, folder = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
+    index = folder / "source-index.json"
+    index.write_bytes(index.read_bytes()[:40])  # cut short, as a full disk or a kill would leave it
+    report, again, _ = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
+    assert report.failed == {} and again.image_ids == first.image_ids
+    assert json.loads(index.read_text())["rows"]["391903"][3] == 3

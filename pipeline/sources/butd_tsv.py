@@ -123,31 +123,38 @@ def parse_row(line: bytes, where: Where, feature_dim: int | None) -> tuple[str, 
     return image_id, SourceRow(h, w, boxes, feats, scores, labels)
 
 
-def _first_row(paths: list[Path], tries: int = 20) -> tuple[Where, SourceRow]:
+def _feature_dim(paths: list[Path], lines: int = 20) -> int:
+    """D of the files: the most common over the readable rows among the first ``lines`` lines of each file (the
+    first of the most common on a tie), so one odd row at the start cannot set D for all the others."""
+    dims: dict[int, int] = {}
     errors = []
     for p in paths:
         with open(p, "rb") as f:
             offset = 0
-            for lineno in range(1, tries + 1):
+            for lineno in range(1, lines + 1):
                 line = f.readline()
                 if not line:
                     break
                 where = Where(p, offset, len(line), lineno, not line.endswith(b"\n"))
                 offset += len(line)
                 try:
-                    return where, parse_row(line, where, None)[1]
+                    d = int(parse_row(line, where, None)[1].features.shape[1])
+                    dims[d] = dims.get(d, 0) + 1
                 except RowError as e:
                     errors.append(str(e))
-    raise SourceError(f"butd-tsv: no readable row in the first lines of {paths[0]}"
-                      + (f" ({errors[0]})" if errors else " (the files are empty)")
-                      + " — is this a bottom-up-attention TSV?")
+        if dims:
+            break
+    if not dims:
+        raise SourceError(f"butd-tsv: no readable row in the first lines of {paths[0]}"
+                          + (f" ({errors[0]})" if errors else " (the files are empty)")
+                          + " — is this a bottom-up-attention TSV?")
+    return max(dims, key=dims.__getitem__)
 
 
 def describe(pattern: str) -> dict[str, Any]:
     paths = tsv_files(pattern)
-    _, row = _first_row(paths)
     return {"backend": "butd-tsv", "files": files_identity(paths), "file_identity": IDENTITY_RULE,
-            "feature_dim": int(row.features.shape[1]), "selection": SELECTION, "whole_image": WHOLE_IMAGE_RULE}
+            "feature_dim": _feature_dim(paths), "selection": SELECTION, "whole_image": WHOLE_IMAGE_RULE}
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -197,8 +204,12 @@ class TsvSource:
         with open(folder / f".{INDEX_FILE}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if path.exists():
-                doc = json.loads(path.read_text())
-                if doc.get("files") == self.identity:
+                try:
+                    doc = json.loads(path.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged: it is only a cache
+                    log.warning("%s cannot be read (%s: %s): indexing again", path, type(e).__name__, e)
+                    doc = {}
+                if isinstance(doc, dict) and doc.get("files") == self.identity and isinstance(doc.get("rows"), dict):
                     return doc
             log.info("indexing %d TSV file(s): one pass, kept in %s", len(self.paths), path)
             doc = {"files": self.identity, **build_index(self.paths)}

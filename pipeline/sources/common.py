@@ -94,6 +94,7 @@ def match_images(image_records: Iterable[Any], rows: Mapping[str, Any]) -> dict[
         lambda im: im.image_id, lambda im: im.path, lambda im: Path(im.path).stem,
         lambda im: _number(Path(im.path).stem)]
     out: dict[str, Any] = {}
+    taken: set[str] = set()  # a row feeds one image at most: a looser form never hands a matched row to another
     for form in forms:
         keys: dict[str, list[str]] = {}
         for im in images:
@@ -103,9 +104,47 @@ def match_images(image_records: Iterable[Any], rows: Mapping[str, Any]) -> dict[
             if k is not None:
                 keys.setdefault(row_key(k), []).append(im.image_id)
         for k, ids in keys.items():
-            if len(ids) == 1 and k in rows:
+            if len(ids) == 1 and k in rows and k not in taken:
                 out[ids[0]] = rows[k]
+                taken.add(k)
     return out
+
+
+# ------------------------------------------------------------------------------------------ one row
+
+_INT32 = np.iinfo(np.int32)
+BOX_SLACK = 1.0  # pixels a box may pass the image's edge (rounding); the usual extractors clip to the image
+
+
+def check_row(row: SourceRow, where: Any) -> None:
+    """Refuse a row whose numbers cannot be what the file claims (RowError naming the row and the value): sizes
+    beyond int32, non-finite features, boxes or confidences, inverted boxes, boxes off the image (a row's width
+    and height swapped, or boxes of another image), class ids beyond int32."""
+    if not (0 <= row.height <= _INT32.max and 0 <= row.width <= _INT32.max):
+        raise RowError(f"{where}: image size {row.width} x {row.height} is out of range: the row is damaged")
+    feats = row.features
+    if not np.isfinite(feats).all():
+        r = int(np.flatnonzero(~np.isfinite(feats).all(1))[0])
+        raise RowError(f"{where}: the file's features hold NaN or infinity (region {r}): the row is damaged; "
+                       "extract or download the features again")
+    boxes = np.asarray(row.boxes, np.float64).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        r = int(np.flatnonzero(~np.isfinite(boxes).all(1))[0])
+        raise RowError(f"{where}: box {r} holds NaN or infinity ({boxes[r].tolist()}): the row is damaged")
+    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if row.width > 0 and row.height > 0:
+        lo, hi = -BOX_SLACK, np.array([row.width, row.height, row.width, row.height]) + BOX_SLACK
+        bad |= ((boxes < lo) | (boxes > hi)).any(1)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise RowError(f"{where}: box {r} {boxes[r].tolist()} (x1, y1, x2, y2) is not a box inside the row's "
+                       f"{row.width} x {row.height} image ({int(bad.sum())} such): are the row's width and "
+                       "height swapped, or the file damaged?")
+    if row.scores is not None and not np.isfinite(row.scores).all():
+        raise RowError(f"{where}: the region confidences hold NaN or infinity: the row is damaged")
+    if row.labels is not None and len(row.labels) and not (
+            (row.labels >= -1).all() and (row.labels <= _INT32.max).all()):
+        raise RowError(f"{where}: class ids outside [-1, {_INT32.max}]: the row is damaged")
 
 
 # ------------------------------------------------------------------------------------------ one shard
@@ -135,12 +174,13 @@ def write_source_shard(items: Sequence[tuple[str, Any]], read: Callable[[Any], S
                 raise RowError(f"{where}: the row has no regions")
             if row.features.shape[1] != d:
                 raise RowError(f"{where}: {row.features.shape[1]}-d features, the source's are {d}-d")
+            check_row(row, where)
             order_scores = row.scores if row.scores is not None else np.zeros(n, np.float32)  # stable: file order
             labels = row.labels if row.labels is not None else np.full(n, -1)
             frag = layout_fragments(row.height, row.width, row.boxes, order_scores, labels, row.features,
                                     row.features.mean(0))
             feats = frag["features"].astype(feature_dtype)
-            if not np.isfinite(feats).all():
+            if not np.isfinite(feats).all():  # finite in float32 (check_row): too large for float16
                 raise RowError(f"{where}: features are not finite in {feature_dtype} (largest "
                                f"{np.abs(frag['features']).max():.3g}); use --feature-dtype float32")
         except Exception as e:  # noqa: BLE001 - whatever one row does, it costs only its image
