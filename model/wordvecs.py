@@ -127,20 +127,39 @@ def _word_list_beside(matrix: Path) -> Path:
 
 def _text_dim(path: Path) -> int:
     with path.open("rb") as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip().split(" ")
+        first = f.readline().decode("utf-8-sig", errors="replace").rstrip().split(" ")
     if len(first) == 2 and all(p.isdigit() for p in first):
-        return int(first[1])  # word2vec header
+        return _dim(path, int(first[1]))  # word2vec header
     if len(first) < 2:
         raise WordVectorError(f"{path}:1: expected a word and its numbers (GloVe) or '<count> <dim>' (word2vec): "
                               "is this a word vector text file?")
     return len(first) - 1
 
 
+def _dim(path: Path, dim: int) -> int:
+    if dim < 1:
+        raise WordVectorError(f"{path}: the vectors have {dim} dimensions: the file is damaged or not word vectors")
+    return dim
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy matrix memory-mapped (never unpickled): any failure names the file."""
+    try:
+        m = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise WordVectorError(f"{path}: not a readable .npy matrix ({type(e).__name__}: {e}): write it with "
+                              "numpy.save from a float array, or download it again") from None
+    if m.ndim != 2:
+        raise WordVectorError(f"{path}: a .npy vector matrix must be 2-d (words x dim), got shape {m.shape}")
+    _dim(path, int(m.shape[1]))
+    return m
+
+
 def open_source(spec: str) -> VectorSource:
     """Find and identify a vector source (format, files, dimension) without reading its vectors."""
     if spec in PACKAGED:
         matrix, words = _packaged(spec)
-        return VectorSource(spec, "npy", (matrix, words), int(np.load(matrix, mmap_mode="r").shape[1]))
+        return VectorSource(spec, "npy", (matrix, words), int(_load_npy(matrix).shape[1]))
     path = Path(spec)
     if not path.is_file():
         raise WordVectorError(f"word vectors {spec!r}: no such file and not a known name ({', '.join(PACKAGED)}); "
@@ -149,16 +168,14 @@ def open_source(spec: str) -> VectorSource:
     if path.suffix == ".gz":
         raise WordVectorError(f"{path}: compressed; decompress it first (gunzip -k {path})")
     if path.suffix == ".npy":
-        m = np.load(path, mmap_mode="r")
-        if m.ndim != 2:
-            raise WordVectorError(f"{path}: a .npy vector matrix must be 2-d (words x dim), got shape {m.shape}")
+        m = _load_npy(path)
         return VectorSource(spec, "npy", (path, _word_list_beside(path)), int(m.shape[1]))
     if path.suffix == ".bin":
         with path.open("rb") as f:
             head = f.readline().split()
         if len(head) != 2 or not all(h.isdigit() for h in head):
             raise WordVectorError(f"{path}:1: a word2vec binary file starts with '<count> <dim>', got {head[:3]}")
-        return VectorSource(spec, "word2vec-bin", (path,), int(head[1]))
+        return VectorSource(spec, "word2vec-bin", (path,), _dim(path, int(head[1])))
     return VectorSource(spec, "text", (path,), _text_dim(path))
 
 
@@ -175,15 +192,19 @@ def _read_npy_words(path: Path) -> list[str]:
         if "index" not in table.column_names:
             raise WordVectorError(f"{path}: no column 'index' (the words); columns: {table.column_names}")
         return [str(w) for w in table.column("index").to_pylist()]
-    with path.open(encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise WordVectorError(f"{path}: the word list is not UTF-8 text ({e.reason} at byte {e.start}): "
+                              "write it as UTF-8, one word per line") from None
 
 
 def _records(src: VectorSource) -> Iterator[tuple[int, str, Any]]:
     """(line or record number, word, values) of every entry; values are parsed lazily by ``_values``."""
     path = src.files[0]
     if src.kind == "npy":
-        matrix = np.load(path, mmap_mode="r")
+        matrix = _load_npy(path)
         words = _read_npy_words(src.files[1])
         if len(words) != matrix.shape[0]:
             raise WordVectorError(f"{src.files[1]}: {len(words)} words for the {matrix.shape[0]} rows of {path}: "
@@ -193,8 +214,13 @@ def _records(src: VectorSource) -> Iterator[tuple[int, str, Any]]:
     elif src.kind == "word2vec-bin":
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             nl = mm.find(b"\n")
-            count, dim = (int(x) for x in mm[:nl].split())
+            head = mm[:nl].split() if nl > 0 else []
+            if len(head) != 2 or not all(h.isdigit() for h in head):
+                raise WordVectorError(f"{path}:1: a word2vec binary file starts with '<count> <dim>' and a newline")
+            count, dim = int(head[0]), int(head[1])
             pos, width = nl + 1, 4 * dim
+            misread = (f" (the header says {count} words of {dim} float32 values: it does not match the records, "
+                       "or the file is damaged)")
             for n in range(1, count + 1):
                 while mm[pos:pos + 1] == b"\n":
                     pos += 1
@@ -205,12 +231,17 @@ def _records(src: VectorSource) -> Iterator[tuple[int, str, Any]]:
                 try:
                     word = mm[pos:sp].decode("utf-8")
                 except UnicodeDecodeError:
-                    raise WordVectorError(f"{path}: record {n}: the word is not UTF-8") from None
+                    raise WordVectorError(f"{path}: record {n}: the word is not UTF-8{misread}") from None
+                if not word or any(c < " " for c in word):  # a vector's bytes read as a word: misaligned
+                    raise WordVectorError(f"{path}: record {n}: {word[:40]!r} is not a word{misread}")
                 yield n, word, np.frombuffer(mm, np.float32, dim, sp + 1).copy()
                 pos = sp + 1 + width
+            if mm[pos:].strip():
+                raise WordVectorError(f"{path}: {len(mm) - pos} bytes follow the {count} records the header "
+                                      f"announces{misread}")
     else:
         d, lineno = src.dim, 0
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # a BOM is not part of the first word
             try:
                 for lineno, line in enumerate(f, 1):
                     parts = line.rstrip().rsplit(" ", d)  # GloVe 840B has words with spaces: numbers from the right

@@ -223,3 +223,46 @@ def test_run_name_and_config_carry_the_vectors_identity():
     a = run_name(vec, {}, "k", {"dim": 50, "sha256": "ab" * 32})
     assert a.endswith("-wv50-abababab") and a != run_name(vec, {}, "k", {"dim": 50, "sha256": "cd" * 32})
     assert "-wv" not in run_name(cfg, {}, "k")
+
+
+def test_a_bom_is_not_part_of_the_first_word(tmp_path):
+    for header in (False, True):
+        g = write_glove(tmp_path / f"bom{header}.txt", header=header)
+        g.write_bytes(b"\xef\xbb\xbf" + g.read_bytes())  # as Windows editors save UTF-8
+        keys, rows, total = read_vectors(open_source(str(g)))
+        assert keys == ["dog", "cat", "ball", "zebra"] and total == 5
+        np.testing.assert_array_equal(rows, VECS[[0, 2, 3, 4]])
+
+
+def test_a_misread_word2vec_binary_is_refused(tmp_path):
+    good = write_w2v_bin(tmp_path / "good.bin").read_bytes()
+    body = good[good.index(b"\n") + 1:]
+    for name, header, match in (("dim.bin", b"5 2\n", r"record 2: .* is not a word \(the header says 5 words of 2"),
+                                ("fewer.bin", b"4 3\n", r"bytes follow the 4 records the header announces"),
+                                ("zero.bin", b"5 0\n", r"the vectors have 0 dimensions")):
+        (tmp_path / name).write_bytes(header + body)
+        with pytest.raises(WordVectorError, match=f"{name}.*{match}" if name != "zero.bin" else match):
+            read_vectors(open_source(str(tmp_path / name)))
+    (tmp_path / "nonl.bin").write_bytes(b"5 3")
+    with pytest.raises(WordVectorError, match=r"nonl.bin:1: a word2vec binary file starts with"):
+        read_vectors(open_source(str(tmp_path / "nonl.bin")))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_bytes(b""), r"m.npy: not a readable .npy matrix \(EOFError"),
+    (lambda p: np.save(p, np.array([{"a": 1}], dtype=object)), r"m.npy: not a readable .npy matrix \(ValueError"),
+    (lambda p: np.save(p, np.zeros((5, 0), np.float32)), r"m.npy: the vectors have 0 dimensions"),
+    (lambda p: np.save(p, np.float32(3.0)), r"m.npy: a .npy vector matrix must be 2-d"),
+])
+def test_a_broken_npy_matrix_is_named(tmp_path, make, match):
+    (tmp_path / "m.words.txt").write_text("\n".join(WORDS) + "\n")
+    make(tmp_path / "m.npy")
+    with pytest.raises(WordVectorError, match=match):
+        read_vectors(open_source(str(tmp_path / "m.npy")))
+
+
+def test_a_word_list_that_is_not_utf8_is_named(tmp_path):
+    np.save(tmp_path / "m.npy", VECS)
+    (tmp_path / "m.words.txt").write_bytes("\n".join(WORDS).encode() + b"\ncaf\xe9\n")
+    with pytest.raises(WordVectorError, match=r"m.words.txt: the word list is not UTF-8"):
+        read_vectors(open_source(str(tmp_path / "m.npy")))
