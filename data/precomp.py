@@ -41,9 +41,13 @@ def caption_lines(path: Path) -> list[str]:
 def feature_rows(ims: Path) -> int:
     """Rows of a ``{split}_ims.npy`` without reading it (the array is memory-mapped)."""
     try:
-        return int(np.load(ims, mmap_mode="r").shape[0])
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{ims}: not a readable .npy array ({e}) — copy or download it again") from None
+        shape = np.load(ims, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file (an interrupted copy)
+        raise DatasetError(f"{ims}: not a readable .npy array ({type(e).__name__}: {e}) — copy or download it "
+                           "again") from None
+    if not shape:
+        raise DatasetError(f"{ims}: a single number, not an array of image features (images, regions, D)")
+    return int(shape[0])
 
 
 def image_stride(n_rows: int, n_caps: int, where: Path) -> tuple[int, int]:

@@ -66,6 +66,12 @@ def test_precomp_folder_errors_name_the_file(tmp_path):
     np.save(folder / "test_ims.npy", np.zeros((3, 36, DIM), np.float32))
     with pytest.raises(DatasetError, match=r"test_ims.npy: 3 feature rows do not fit 10 captions"):
         load_dataset(str(folder))
+    (folder / "test_ims.npy").write_bytes(b"")  # an interrupted copy
+    with pytest.raises(DatasetError, match=r"test_ims.npy: not a readable .npy array \(EOFError"):
+        load_dataset(str(folder))
+    np.save(folder / "test_ims.npy", np.float32(0))
+    with pytest.raises(DatasetError, match=r"test_ims.npy: a single number, not an array"):
+        load_dataset(str(folder))
     (folder / "train_caps.txt").write_text("a dog\n" * 5)
     with pytest.raises(DatasetError, match="test_caps.txt or testall_caps.txt"):
         load_dataset(str(folder / "train_caps.txt"))
