@@ -79,6 +79,8 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     has no box: its triples are listed under the picture.
     """
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise IsADirectoryError(f"{out_path} is a folder: give the picture a file name, e.g. {out_path / 'top.png'}")
     img = image if isinstance(image, Image.Image) else read_picture(image, Path(image).parent)
     img = img.convert("RGB")
     aligned = region_alignments(boxes, mask, dots, labels, per_region)  # weakest region first
@@ -129,8 +131,11 @@ def draw_alignment(image: str | Path | Image.Image, boxes: np.ndarray, mask: np.
     cb.ax.tick_params(labelsize=7)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(out_path)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save or rename leaves nothing behind
     log.debug("alignment picture %s: %d regions drawn", out_path, len(regions))
     return out_path
 

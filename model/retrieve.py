@@ -85,15 +85,29 @@ def add_query_words(run: Run, words: Sequence[str]) -> list[str]:
     return keys
 
 
+def _quote(text: str, limit: int = 120) -> str:
+    """A query as an error message shows it: repr, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f" (+{len(text) - limit} characters)"
+
+
+def _split_with_images(run: Run, split_name: str):
+    split = run.store.split(split_name)
+    if split.n_images == 0:
+        raise QueryError(f"the {split_name} split holds none of the {len(run.store.image_ids)} images of run "
+                         f"{run.name}'s caches: the dataset given (--dataset) is not the one the run was trained on, "
+                         "or pass another --split")
+    return split
+
+
 def query_ids(run: Run, text: str, stanza: Mapping[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     triples = parse_query(run, text, stanza)
     if not triples:
-        raise QueryError(f"the parser found no dependency triples in {text!r} (one-word or punctuation-only "
+        raise QueryError(f"the parser found no dependency triples in {_quote(text)} (one-word or punctuation-only "
                          "sentences have none): write a phrase with at least two related words")
     add_query_words(run, [w for t in triples for w in (t.head, t.dep)])
     rel, w1, w2 = query_triples(run.store, triples)
     if len(rel) == 0:
-        raise QueryError(f"none of the {len(triples)} triples of {text!r} can be scored: their relations or words "
+        raise QueryError(f"none of the {len(triples)} triples of {_quote(text)} can be scored: their relations or words "
                          "are outside the run's vocabulary")
     return rel, w1, w2
 
@@ -118,7 +132,7 @@ def _top(scores: torch.Tensor, top: int) -> list[tuple[int, float]]:
 
 def search(run: Run, split_name: str, text: str, top: int, stanza: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Images ranked for a sentence."""
-    split = run.store.split(split_name)
+    split = _split_with_images(run, split_name)
     rel, w1, w2 = query_ids(run, text, stanza)
     scores = rank_images(run, split, rel, w1, w2)
     ids = split.image_ids
@@ -232,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.explain and result["results"]:
                 result["picture"] = explain_pair(run, args.split, args.image, args.explain,
                                                  caption_id=result["results"][0]["id"])["picture"]
-    except (QueryError, RunError, CacheError, CheckpointError, WordVectorError, FileNotFoundError,
+    except (QueryError, RunError, CacheError, CheckpointError, WordVectorError, OSError,
             ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

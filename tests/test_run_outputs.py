@@ -270,3 +270,26 @@ def test_a_damaged_run_config_is_named(run, tmp_path, capsys):
     assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
     err = capsys.readouterr().err
     assert "config.json cannot be read (JSONDecodeError" in err and "Traceback" not in err
+
+
+def test_retrieve_explain_into_a_folder_is_named_and_leaves_nothing(run, tmp_path, capsys):
+    assert retrieve_main(["--run", str(run.folder), "--image", "retina.jpg", "--explain", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder: give the picture a file name" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}*"))
+
+
+def test_a_long_query_is_not_echoed_whole(run, capsys):
+    text = "Rocket" + "!" * 20000  # no triples: the error quotes the query
+    assert retrieve_main(["--run", str(run.folder), "--text", text]) == 2
+    err = capsys.readouterr().err
+    assert "no dependency triples" in err and "(+19886 characters)" in err and len(err) < 1000
+
+
+def test_retrieve_on_a_dataset_outside_the_runs_caches_says_so(run, tmp_path, capsys):
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"image": "elsewhere.jpg", "caption": "a dog runs", "split": "test"}) + "\n")
+    assert retrieve_main(["--run", str(run.folder), "--dataset", str(other), "--image-root", str(tmp_path),
+                          "--text", "a dog runs on the grass"]) == 2
+    err = capsys.readouterr().err
+    assert "the test split holds none of the 14 images of run" in err and "Traceback" not in err
