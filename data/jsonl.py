@@ -28,6 +28,9 @@ def read_jsonl(path: Path, image_root: Path, name: str) -> Dataset:
         except json.JSONDecodeError as e:
             raise DatasetError(f"{where}: malformed JSON at column {e.colno} ({e.msg}) — each line must be one "
                                'object like {"image": ..., "caption": ..., "split": ...}') from None
+        except RecursionError:
+            raise DatasetError(f"{where}: JSON nested too deeply — each line must be one flat object like "
+                               '{"image": ..., "caption": ..., "split": ...}') from None
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in REQUIRED if k not in rec]

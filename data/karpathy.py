@@ -24,6 +24,9 @@ def read_karpathy_json(path: Path, image_root: Path, name: str) -> Dataset:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}) — fix the file or "
                            "download it again") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to be a Karpathy split file — fix the file or "
+                           "download it again") from None
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise DatasetError(f"{path}: no top-level 'images' list — not a Karpathy split JSON (expected "

@@ -191,6 +191,8 @@ def test_karpathy_malformed_json_names_line_and_column(tmp_path):
         load_dataset(path)
     with pytest.raises(DatasetError, match=r"d.json: no top-level 'images' list"):
         load_dataset(write(path, "[1, 2]"))
+    with pytest.raises(DatasetError, match=r"d.json: JSON nested too deeply"):
+        load_dataset(write(path, '{"images": ' + "[" * 100000 + "]" * 100000 + "}"))
 
 
 # ------------------------------------------------------------------------------------------- JSONL
@@ -234,6 +236,8 @@ def test_jsonl(tmp_path):
     (['{"image": "1.jpg", "caption": "a", "split": "train", "id": null}'], r"caps.jsonl:1: 'id' must be"),
     (['["1.jpg", "a", "train"]'], r"caps.jsonl:1: expected a JSON object, got list"),
     (["", "  "], r"caps.jsonl: the dataset is empty"),
+    (['{"image": "1.jpg", "caption": "a", "split": "train"}', "[" * 100000 + "]" * 100000],
+     r"caps.jsonl:2: JSON nested too deeply"),
 ])
 def test_jsonl_bad_input(tmp_path, lines, match):
     with pytest.raises(DatasetError, match=match):
