@@ -225,6 +225,22 @@ class ExtractRegionShard(_ShardTask, _RegionParams):
     def shard_folder(self):
         return self.region_folder()
 
+    def is_complete(self):
+        """Whole, and no image it recorded as missing has appeared since (a wrong --image-root, files copied
+        in later): such a shard is extracted again, so fixing the folder and rerunning is enough."""
+        if not super().is_complete():
+            return False
+        from pipeline.regions import appeared_images
+        from pipeline.sources import is_source
+
+        if is_source(self.detector):
+            return True
+        back = appeared_images(self.output().path, self.dataset_records())
+        if back:
+            log.info("region shard %d: %d image(s) recorded as missing are now present (e.g. %s): extracting it "
+                     "again", self.shard_index, len(back), back[0])
+        return not back
+
     def run(self):
         from pipeline.devices import resolve_device
         from pipeline.regions import run_shard

@@ -100,6 +100,11 @@ class ConsoleHandler(logging.Handler):
         if hasattr(record, "failure"):
             self.failures.append(record.failure)
         if record.name.startswith("luigi"):
+            if "Uncaught exception in luigi" in msg:  # before any task: a parameter value luigi cannot read
+                error = exception_text(self.format_exception(record)) or msg
+                return (f"FAILED before any work: {error.splitlines()[0]}. Check the values given on the "
+                        "command line (`luigi --module tasks <Task> --help` lists each parameter with its type "
+                        "and default) and run it again.")
             if _SUMMARY in msg:
                 return self.last_line(":)" in msg)
             if record.levelno >= logging.WARNING and "due to error in" in msg:  # complete() / requires()
@@ -116,6 +121,12 @@ class ConsoleHandler(logging.Handler):
         if record.name.startswith(("defrag", "pipeline", "model", "data")):
             return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {msg}"
         return None
+
+    @staticmethod
+    def format_exception(record: logging.LogRecord) -> str:
+        if record.exc_info:
+            return logging.Formatter().formatException(record.exc_info)
+        return record.exc_text or ""
 
     def last_line(self, ok: bool) -> str:
         if ok:

@@ -53,6 +53,14 @@ def images_check(dataset: str, image_root: str = "", load: Callable[[], Any] | N
         if not Path(ds.image_root).is_dir():
             raise FileNotFoundError(f"image folder {ds.image_root} of dataset {dataset} does not exist: give the "
                                     "folder the dataset's image paths are relative to with --image-root")
+        # A folder holding none of the images is the wrong folder: extracting would only record every image as
+        # missing. Some missing images are the shards' business (each is recorded on its own).
+        if ds.images and not any(ds.image_path(im.image_id).is_file() for im in ds.images):
+            first = ds.images[0]
+            raise FileNotFoundError(f"none of the {len(ds.images)} images of dataset {dataset} is in the image "
+                                    f"folder {ds.image_root} (the first, {first.path!r}, would be "
+                                    f"{ds.image_path(first.image_id)}): give the folder the dataset's image paths "
+                                    "are relative to with --image-root")
     return check
 
 

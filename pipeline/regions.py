@@ -313,6 +313,19 @@ def _read_shard(dataset, out_path: Path, config: RegionConfig, producer: dict[st
     return report
 
 
+def appeared_images(shard: str | Path, dataset: Any) -> list[str]:
+    """Ids a finished shard recorded as "file not found" whose file exists now under the dataset's image root."""
+    out = []
+    for image_id, why in cache.read_region_shard(shard, with_features=False).failed.items():
+        if why.endswith("file not found"):
+            try:
+                if dataset.image_path(image_id).is_file():
+                    out.append(image_id)
+            except KeyError:  # not an image of this dataset: nothing to look for
+                pass
+    return out
+
+
 def summarize_failures(folder: str | Path) -> dict[str, Any]:
     """Images written and images failed (id -> reason) over every finished shard of a region cache folder."""
     total, failed = 0, {}
@@ -326,5 +339,5 @@ def summarize_failures(folder: str | Path) -> dict[str, Any]:
     return {"folder": str(folder), "images": total, "failed": failed}
 
 
-__all__ = ["RegionConfig", "RegionExtractionError", "ShardReport", "extract_shard", "layout_fragments",
+__all__ = ["RegionConfig", "appeared_images", "RegionExtractionError", "ShardReport", "extract_shard", "layout_fragments",
            "region_cache_folder", "region_dataset", "run_shard", "summarize_failures", "detector_for", "extract_each"]

@@ -104,6 +104,19 @@ def test_dataset_error_exits_non_zero_in_preflight_having_written_nothing(tmp_pa
     assert files_under(work) == set()
 
 
+@pytest.mark.parametrize("args, error", [
+    (["TrainEmbedding", "--epochs", "five"], "ValueError: invalid literal for int() with base 10: 'five'"),
+    (["Evaluate", "--split", "bogus"], "ValueError: bogus is not a valid choice"),
+])
+def test_a_parameter_value_luigi_cannot_read_is_named(tmp_path, args, error):
+    work = workdir(tmp_path)
+    out = luigi_cli(*args, "--dataset", "demo", "--local-scheduler", cwd=work, timeout=120)
+    assert out.returncode == 40, out.stderr  # luigi.cfg [retcode] unhandled_exception
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"FAILED before any work: {error}") and "--help" in last, out.stderr
+    assert files_under(work) == set()
+
+
 def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):
     work = workdir(tmp_path)
     data = small_dataset(tmp_path, bad_image=True)

@@ -79,6 +79,34 @@ def test_failures_are_summarised_or_fatal_on_request(broken_dataset, tmp_path):
     assert not cache.list_shards(strict.region_folder()) and not strict.output().exists()
 
 
+def test_images_that_appear_after_a_run_are_extracted_by_the_next(broken_dataset, tmp_path):
+    # gone.jpg was missing (a wrong --image-root, a file copied in later); once it is there, the same command
+    # extracts its shard again: the cached "file not found" does not stick. The other shards are kept.
+    task = ExtractRegions(dataset=str(broken_dataset), cache_dir=str(tmp_path / "cache"), shard_size=1, **PARAMS)
+    assert _build(task) == luigi.LuigiStatusCode.SUCCESS
+    first = _shards(task)
+    assert _build(task) == luigi.LuigiStatusCode.SUCCESS and _shards(task) == first  # nothing appeared: kept
+    Image.open(ROOT / "data/demo/images/rocket.jpg").save(tmp_path / "gone.jpg")
+    assert _build(task) == luigi.LuigiStatusCode.SUCCESS
+    again = _shards(task)
+    assert again["shard-00002.h5"] != first["shard-00002.h5"]  # gone.jpg's shard, extracted again
+    assert {k: v for k, v in again.items() if k != "shard-00002.h5"} == \
+        {k: v for k, v in first.items() if k != "shard-00002.h5"}
+    summary = json.loads(task.output().open().read())
+    assert summary["images"] == 2 and set(summary["failed"]) == {"notes.jpg"}  # the summary follows
+
+
+def test_an_image_root_holding_none_of_the_images_stops_the_preflight(tmp_path):
+    from pipeline import doctor
+
+    (tmp_path / "empty").mkdir()
+    task = ExtractRegions(dataset="demo", image_root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c"),
+                          **PARAMS)
+    with pytest.raises(doctor.PreflightError, match=r"none of the 14 images of dataset demo is in the image folder"):
+        task.complete()
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_redoes_only_unfinished_shards(tmp_path):
     args = CLI + ["--cache-dir", str(tmp_path), "--shard-size", "1", "--local-scheduler"]
