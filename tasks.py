@@ -14,6 +14,7 @@ import logging
 import time
 
 import luigi
+from pathlib import Path
 from luigi.cmdline_parser import CmdlineParser
 
 log = logging.getLogger("defrag.tasks")
@@ -55,12 +56,22 @@ class DatasetTask(luigi.Task):
     def cache_root(self) -> str:
         return self.cache_dir or defrag().cache_dir
 
+    # lower bounds of this class's own numeric options (subclasses add theirs): checked by the preflight
+    bounds: dict[str, str] = {}
+
     def checks(self) -> dict:
         """What this task's own run() needs (pipeline.doctor checks), keyed so a graph checks each thing once."""
         from pipeline import doctor
 
-        return {("dataset", self.dataset, self.image_root): doctor.dataset_check(self.dataset, self.image_root,
-                                                                                     self.dataset_records)}
+        out = {("dataset", self.dataset, self.image_root): doctor.dataset_check(self.dataset, self.image_root,
+                                                                                    self.dataset_records)}
+        for cls in type(self).__mro__:  # keyed by the declaring class: Evaluate and its training check once
+            for name, rule in vars(cls).get("bounds", {}).items():
+                value = getattr(self, name)
+                out[("option", cls.__name__, name, value)] = doctor.bound_check(name, value, rule)
+        if "device" in self.param_kwargs:
+            out[("device", self.device)] = doctor.device_check(self.device)
+        return out
 
     def is_complete(self) -> bool:
         """Luigi's completeness, without the preflight."""
@@ -148,6 +159,8 @@ class _RegionParams(DatasetTask):
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
     on_error = luigi.ChoiceParameter(choices=["record", "fail"], default="record", significant=False,
                                      description="record unreadable images in the shard, or stop at the first")
+    bounds = {"max_image_side": ">= 1", "min_size": ">= 0", "max_size": ">= 0", "shard_size": ">= 1",
+              "batch_size": ">= 1"}
 
     def region_config(self):
         from pipeline.regions import RegionConfig
@@ -297,6 +310,7 @@ class _ParseParams(DatasetTask):
     shard_size = luigi.IntParameter(default=5000, description="captions per shard file")
     batch_size = luigi.IntParameter(default=512, significant=False, description="captions per bulk Stanza call")
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
+    bounds = {"max_tokens": ">= 1", "shard_size": ">= 1", "batch_size": ">= 1"}
 
     def parse_settings(self):
         from pipeline.parse import ParseSettings
@@ -362,6 +376,7 @@ class BuildVocab(_ParseParams):
     """Word and relation counts over the training split's triples -> <cache_dir>/vocab/<dataset>-<key>/vocab.json."""
 
     min_count = luigi.IntParameter(default=5, description="words seen fewer times map to <unk> (without vectors)")
+    bounds = {"min_count": ">= 0"}
     word_vectors = luigi.Parameter(default="auto", description="the words are every caption word these vectors "
                                    "have: glove-6b-50d | a GloVe/word2vec text or .bin file | a .npy matrix; auto: "
                                    "glove-6b-50d for the demo when installed; none: words counted in training")
@@ -484,6 +499,9 @@ class TrainEmbedding(DatasetTask):
     progress = luigi.BoolParameter(default=True, significant=False, description="progress bars", **_BOOL)
     compile = luigi.BoolParameter(default=False, significant=False, description="torch.compile the training step "
                                   "(CUDA graphs on a GPU; the first epoch pays the compile)", **_BOOL)
+    bounds = {"epochs": ">= 1", "batch_size": ">= 1", "embedding_dim": ">= 1", "word_dim": ">= 0", "lr": "> 0",
+              "momentum": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "max_batches": ">= 0",
+              "smooth": ">= 0", "memory_budget_gb": "> 0"}
 
     @property
     def resources(self):
@@ -564,6 +582,17 @@ class TrainEmbedding(DatasetTask):
 
 # ---------------------------------------------------------------------------------- stage 2: evaluation
 
+def _recorded(path: str, options: dict) -> bool:
+    """Whether the JSON file at ``path`` records these option values (a missing or unreadable file does not)."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and all(doc.get(k) == v for k, v in options.items())
+
+
 def _train_kwargs(task: luigi.Task) -> dict:
     """The TrainEmbedding parameters of a task that passes them through (every stage's, by the same names)."""
     names = set(TrainEmbedding.get_param_names(include_significant=True))
@@ -582,6 +611,7 @@ class Evaluate(TrainEmbedding):
                                  description="split to score")
     captions_per_image = luigi.IntParameter(default=5, description="first N captions of each image (0: all)")
     fold_size = luigi.IntParameter(default=1000, description="images per fold of the fold protocol (COCO 1K)")
+    bounds = {"captions_per_image": ">= 0", "fold_size": ">= 1"}
 
     def requires(self):
         return TrainEmbedding(**_train_kwargs(self))
@@ -596,7 +626,15 @@ class Evaluate(TrainEmbedding):
         from model.train import newer_than_training
 
         outs = luigi.task.flatten(self.output())
-        return self.requires().is_complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
+        return (self.requires().is_complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
+                and _recorded(self.recorded_file(), self.recorded_options()))
+
+    def recorded_file(self) -> str:
+        return self.output()["json"].path
+
+    def recorded_options(self) -> dict:
+        """Options the output was made with that its file name does not show: other values make it again."""
+        return {"captions_per_image": self.captions_per_image, "fold_size": self.fold_size}
 
     def open_run(self):
         from model.runs import open_run, write_dataset_reference
@@ -620,6 +658,7 @@ class Report(Evaluate):
     report_queries = luigi.IntParameter(default=6, description="sample queries per direction")
     report_top = luigi.IntParameter(default=5, description="results shown per query")
     report_seed = luigi.IntParameter(default=0, description="which queries are sampled")
+    bounds = {"report_queries": ">= 1", "report_top": ">= 1"}
 
     def requires(self):
         names = set(Evaluate.get_param_names(include_significant=True))
@@ -627,6 +666,15 @@ class Report(Evaluate):
 
     def output(self):
         return luigi.LocalTarget(str(self.run_folder() / "report" / "index.html"))
+
+    def recorded_file(self) -> str:
+        from model.report import OPTIONS_FILE
+
+        return str(Path(self.output().path).with_name(OPTIONS_FILE))
+
+    def recorded_options(self) -> dict:
+        return {"split": self.split, "queries": self.report_queries, "top": self.report_top,
+                "seed": self.report_seed, **super().recorded_options()}
 
     def run(self):
         from model.report import build_report

@@ -8,6 +8,7 @@ linked by relative paths, so the folder opens offline, anywhere, in any browser.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from .runs import (RANDOM_WEIGHTS_NOTE, Run, alignment_dots, caption_triples, ev
 log = logging.getLogger(__name__)
 
 THUMB_PX = 240
+OPTIONS_FILE = "options.json"  # the options a report was built with, beside its index.html
 
 
 @dataclass
@@ -150,6 +152,9 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
         shutil.copyfile(curves, tmp / "curves.png")
     (tmp / "index.html").write_text(render_html(run, result, annotation, search, curves.exists(), top),
                                     encoding="utf-8")
+    options = {"split": split_name, "queries": n_queries, "top": top, "seed": seed, "per_region": per_region,
+               "captions_per_image": captions_per_image, "fold_size": fold_size}
+    (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")  # what a rerun compares
     if final.exists():  # swap in the finished folder; a killed build leaves only the temporary one
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)

@@ -191,7 +191,7 @@ def evaluation_result(run: Run, split_name: str, scores: Tensor, captions_per_im
     keep = first_captions(cap_img, captions_per_image)
     out = protocol_metrics(scores[:, keep], cap_img[keep], fold_size)
     out.update({"run": run.name, "split": split_name, "checkpoint_epoch": int(run.checkpoint["epoch"]),
-                "captions_per_image": captions_per_image, "dataset": run.dataset.describe(),
+                "captions_per_image": captions_per_image, "fold_size": fold_size, "dataset": run.dataset.describe(),
                 "detector_weights": detector_weights(run),
                 "score": {"smooth": run.smooth, "threshold": run.threshold}})
     sizes = {s: len(run.dataset.split_images(s)) for s in ("train", "val", "test")}

@@ -221,8 +221,11 @@ def plot_curves(records: list[dict], path: Path) -> None:
     """curves.png (see ``curves_figure``), written atomically."""
     fig = curves_figure(records)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted or failed save leaves nothing behind
 
 
 # where every step of an epoch has the same shapes (no host sync; what CUDA graphs need). On the CPU each batch keeps

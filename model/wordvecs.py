@@ -343,9 +343,10 @@ def build_vector_vocab(triple_folder: str | Path, train_caption_ids: set[str], s
     vocab.vector_rows = table
     save_vocab(vocab, out_path)  # vectors.npy first, then vocab.json
     missing = sorted(set(all_words) - set(at), key=lambda w: -all_words[w])
-    log.info("dictionary from %s (%d words, %d-d): %d of the dataset's %d caption words have a vector; without "
-             "one (%d, e.g. %s) they follow --skip-unknown", spec, total, src.dim, len(at.keys() & all_words.keys()),
-             len(all_words), len(missing), ", ".join(missing[:5]))
+    without = (f"; the {len(missing)} without one (e.g. {', '.join(missing[:5])}) follow --skip-unknown" if missing
+               else "")
+    log.info("dictionary from %s (%d words, %d-d): %d of the dataset's %d caption words have a vector%s", spec,
+             total, src.dim, len(at.keys() & all_words.keys()), len(all_words), without)
     return vocab
 
 

@@ -127,14 +127,42 @@ def triple_cache_bytes(n_captions: int) -> int:
 
 
 def run_checks(checks: Mapping[Any, Check]) -> list[str]:
-    """Run every check (none stops the others); the problems' messages, in order."""
+    """Run every check (none stops the others); the problems' messages, in order, each once (two tasks may
+    check one folder under different keys)."""
     problems = []
     for check in checks.values():
         try:
             check()
         except Exception as e:  # noqa: BLE001 - every failure is a problem to report, each names its fix
-            problems.append(f"{type(e).__name__}: {e}")
+            text = f"{type(e).__name__}: {e}"
+            if text not in problems:
+                problems.append(text)
     return problems
+
+
+def bound_check(option: str, value: float, rule: str) -> Check:
+    """An option within its bound (``">= 1"``, ``"> 0"``; NaN is within none)."""
+    def check() -> None:
+        op, limit = rule.split()
+        if not (value >= float(limit) if op == ">=" else value > float(limit)):
+            raise ValueError(f"--{option.replace('_', '-')} {value}: must be {rule}")
+    return check
+
+
+def device_check(device: str) -> Check:
+    """A CUDA device asked for exists here."""
+    def check() -> None:
+        if not device.startswith("cuda"):
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                               "(cuda:0 ...); choose one of them or --device auto")
+    return check
 
 
 def report(problems: list[str]) -> str:

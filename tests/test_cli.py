@@ -117,6 +117,29 @@ def test_a_parameter_value_luigi_cannot_read_is_named(tmp_path, args, error):
     assert files_under(work) == set()
 
 
+def test_options_out_of_range_and_a_missing_gpu_stop_the_preflight_all_at_once(tmp_path):
+    import torch
+
+    from pipeline.doctor import PreflightError
+
+    work = workdir(tmp_path)
+    device = [] if torch.cuda.is_available() else ["--device", "cuda"]
+    out = luigi_cli("Evaluate", "--dataset", "demo", *PARSE, "--detector-weights", "random", "--epochs", "0",
+                    "--batch-size", "0", "--lr", "-1", "--fold-size", "0", "--captions-per-image", "-1", *device,
+                    "--local-scheduler", cwd=work, timeout=300)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    for bad in ("--epochs 0: must be >= 1", "--batch-size 0: must be >= 1", "--lr -1.0: must be > 0",
+                "--fold-size 0: must be >= 1", "--captions-per-image -1: must be >= 0"):
+        assert bad in out.stderr, bad
+    if device:
+        assert "--device cuda: no CUDA device is available here" in out.stderr
+    assert out.stderr.count("--epochs 0: must be") == 1  # Evaluate's and TrainEmbedding's checks: one line
+    assert "Traceback" not in out.stderr and files_under(work) == set()
+    with pytest.raises(PreflightError, match=r"--shard-size 0: must be >= 1"):
+        tasks.ExtractRegions(dataset="demo", detector_weights="random", shard_size=0,
+                             cache_dir=str(tmp_path / "c")).complete()
+
+
 def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):
     work = workdir(tmp_path)
     data = small_dataset(tmp_path, bad_image=True)
@@ -134,7 +157,7 @@ def test_failed_training_exits_non_zero_and_a_good_one_prints_where_its_results_
     data = small_dataset(tmp_path)
     train = ["--dataset", str(data), *SMALL, *PARSE, "--min-count", "1", "--epochs", "1", "--embedding-dim", "8",
              "--word-dim", "8", "--batch-size", "2", "--progress", "false"]
-    out = luigi_cli("TrainEmbedding", *train, "--lr", "nan", cwd=work)
+    out = luigi_cli("TrainEmbedding", *train, "--lr", "1e30", cwd=work)  # diverges: the loss overflows
     assert out.returncode == CODES["task_failed"], out.stderr
     assert "TrainEmbedding failed" in out.stderr.rstrip().splitlines()[-1]
     assert list((work / "cache" / "regions").iterdir())  # stage 1 finished and is kept

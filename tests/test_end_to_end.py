@@ -107,6 +107,20 @@ def test_demo_end_to_end_then_nothing_to_do(tmp_path, capsys):
     assert "Did not run any tasks" in again.summary_text, again.summary_text
     assert snapshot(tmp_path) == before
 
+    # other protocol or report options make the evaluation and the report again (their file names do not show
+    # them), and nothing upstream; back to the first options, they are made again too
+    other = {**report.param_kwargs, "captions_per_image": 1, "report_top": 2}
+    RAN.clear()
+    result = luigi.build([tasks.Report(**other)], local_scheduler=True, detailed_summary=True)
+    assert result.status == LuigiStatusCode.SUCCESS and sorted(RAN) == ["Evaluate", "Report"], RAN
+    ev1 = json.loads((run / "eval-test.json").read_text())
+    assert ev1["captions_per_image"] == 1 and ev1["all"]["n_captions"] == 2
+    assert json.loads((run / "report" / "options.json").read_text())["top"] == 2
+    RAN.clear()
+    result = luigi.build([evaluate, report], local_scheduler=True, detailed_summary=True)
+    assert result.status == LuigiStatusCode.SUCCESS and sorted(RAN) == ["Evaluate", "Report"], RAN
+    assert json.loads((run / "eval-test.json").read_text())["all"]["n_captions"] == 9
+
     # --resume --epochs 4 continues the same run (the epoch count is not in its name), then evaluates it again
     more = {k: v for k, v in report.param_kwargs.items()}
     more.update(epochs=4, resume=True)
