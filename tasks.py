@@ -104,10 +104,21 @@ def _unfinished_checks(task, seen: set) -> dict:
         deps = luigi.task.flatten(task.requires())
     except Exception:  # noqa: BLE001 - likewise
         deps = []
-    out = dict(task.checks()) if isinstance(task, DatasetTask) else {}
+    out = {}
+    if isinstance(task, DatasetTask):
+        try:
+            out = dict(task.checks())
+        except Exception as e:  # noqa: BLE001 - e.g. settings that do not resolve: a problem among the others
+            out = {("settings", type(e).__name__, str(e)): _raise(e)}
     for dep in deps:
         out.update(_unfinished_checks(dep, seen))
     return out
+
+
+def _raise(error: Exception):
+    def check() -> None:
+        raise error
+    return check
 
 
 def _preflight(task) -> None:

@@ -156,6 +156,27 @@ def _local_models(s: ParseSettings) -> dict:
     return out
 
 
+# a parameter name only each kind of Stanza model has: the tagger's UPOS classifier, the parser's arc scorer
+_ROLE_KEY = {"pos": ("upos_clf.", "a POS tagger"), "depparse": ("unlabeled.", "a dependency parser")}
+
+
+def _wrong_role(path: Path, proc: str, flag: str) -> str:
+    """Why the file given for ``proc`` is not a Stanza model of that kind ('' when it is); read without
+    unpickling code."""
+    import torch
+
+    try:
+        keys = list(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    except Exception as e:  # noqa: BLE001 - not a Stanza model file; torch's text (it advises unpickling) is not shown
+        return (f"{flag} {path} is not a Stanza model file ({type(e).__name__}): give the model file itself "
+                "(tests/stanza_models/*.pt are the project's small ones)")
+    kinds = [k for k, (prefix, _) in _ROLE_KEY.items() if any(n.startswith(prefix) for n in keys)]
+    if proc in kinds:
+        return ""
+    what = f"it is {_ROLE_KEY[kinds[0]][1]}" if kinds else "nor a tagger or parser"
+    return f"{flag} {path} is not {_ROLE_KEY[proc][1]} ({what})"
+
+
 PROJECT_MODELS = Path(__file__).resolve().parents[1] / "tests" / "stanza_models"
 
 
@@ -186,6 +207,12 @@ def require_models(s: ParseSettings) -> None:
     """Raise StanzaModelsMissing (naming every way out) unless the models are here or can be downloaded now."""
     if s.local_models:
         _local_models(s)
+        wrong = [w for proc, path, flag in (("pos", s.tagger, "--stanza-tagger"),
+                                            ("depparse", s.parser, "--stanza-parser"))
+                 if (w := _wrong_role(Path(path).expanduser(), proc, flag))]
+        if wrong:
+            raise StanzaModelsMissing("; ".join(wrong) + (". Give the tagger with --stanza-tagger and the parser "
+                                                         "with --stanza-parser" if len(wrong) == 2 else ""))
         return
     try:
         _resolve_package(s)

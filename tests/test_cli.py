@@ -206,6 +206,29 @@ def test_doctor_command_lists_every_problem_with_its_fix(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
+def test_swapped_or_foreign_model_files_and_other_problems_are_all_named(tmp_path, capsys):
+    from pipeline import doctor
+
+    common = ["--dataset", "demo", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path),
+              "--detector", "torchvision-mobilenet-v3-fpn"]
+    assert doctor.main([*common, "--detector-weights", "random", "--stanza-tagger", str(PARSER),
+                        "--stanza-parser", str(TAGGER)]) == 2
+    err = capsys.readouterr().err
+    assert f"--stanza-tagger {PARSER} is not a POS tagger (it is a dependency parser)" in err
+    assert f"--stanza-parser {TAGGER} is not a dependency parser (it is a POS tagger)" in err
+    assert doctor.main([*common, "--detector-weights", "random", "--stanza-tagger", str(ROOT / "README.md"),
+                        "--stanza-parser", str(PARSER)]) == 2
+    err = capsys.readouterr().err
+    assert "README.md is not a Stanza model file (UnpicklingError)" in err and "weights_only" not in err
+    # one half-given pair of model files does not hide the other problems of the graph
+    work = workdir(tmp_path)
+    out = luigi_cli("Report", "--dataset", "demo", "--detector-weights", str(tmp_path / "missing.pth"),
+                    "--stanza-tagger", str(TAGGER), "--local-scheduler", cwd=work, timeout=300)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    assert "preflight found 2 problems" in out.stderr and "missing.pth" in out.stderr
+    assert "give both a tagger and a parser" in out.stderr and files_under(work) == set()
+
+
 def test_a_missing_feature_source_stops_evaluate_in_preflight(tmp_path):
     work = workdir(tmp_path)
     data = small_dataset(tmp_path)
