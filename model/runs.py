@@ -117,6 +117,9 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
     folder = resolve_run(run)
     named = _existing(run)
     ckpt_path = named if named.is_file() else checkpoint_path(folder, which)  # a file given is the one loaded
+    if not ckpt_path.is_file():  # before the dataset: a run whose training failed has nothing else to offer
+        raise RunError(f"run {folder} has no checkpoint ({ckpt_path.name}): its training has not finished an "
+                       "epoch; train it (TrainEmbedding, with --resume to continue it)")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -217,6 +217,34 @@ def curves_figure(records: list[dict]):
     return fig
 
 
+class RunBusy(RuntimeError):
+    """Another process is training this run folder right now."""
+
+
+RUN_LOCK = ".train.lock"
+
+
+def hold_run_lock(folder: Path):
+    """An exclusive lock on ``folder`` for as long as the returned file stays open (the OS drops it when the
+    process ends, however it ends): two trainers never write one run folder."""
+    import fcntl
+
+    f = open(folder / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunBusy(f"run {folder} is being trained right now (by {holder}): wait for it to finish (then run "
+                      "the same command again), or start another run (--run-name)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
     """curves.png (see ``curves_figure``), written atomically."""
     fig = curves_figure(records)
@@ -402,6 +430,7 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
     check_trainable(store, train_split)
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
+    lock = hold_run_lock(out)  # noqa: F841 - held (the file open) until train() returns or fails
 
     torch.manual_seed(cfg.seed)
     word_init = None if vectors is None else torch.from_numpy(store.vocab.vector_rows)  # (n_words, d)

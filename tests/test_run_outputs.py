@@ -293,3 +293,12 @@ def test_retrieve_on_a_dataset_outside_the_runs_caches_says_so(run, tmp_path, ca
                           "--text", "a dog runs on the grass"]) == 2
     err = capsys.readouterr().err
     assert "the test split holds none of the 14 images of run" in err and "Traceback" not in err
+
+
+def test_a_run_without_checkpoints_says_so_first(run, tmp_path, capsys):
+    copy = _copy_run(run, tmp_path)
+    for f in ("checkpoint-best.pt", "checkpoint-last.pt", "dataset.json"):  # as a failed first epoch leaves it
+        (copy / f).unlink()
+    assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint (checkpoint-best.pt): its training has not finished an epoch" in err

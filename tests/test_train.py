@@ -268,3 +268,35 @@ def test_features_load_the_gpu_way_equal_the_direct_read(caches):
 def test_store_loads_features_onto_the_gpu(caches):
     cpu, gpu = _store(caches), _store(caches, device="cuda")
     assert gpu.features.feats.is_cuda and torch.equal(gpu.features.feats.cpu(), cpu.features.feats)
+
+
+def test_two_trainers_never_share_a_run_folder(caches, tmp_path):
+    # another process training the same run (a second command started meanwhile) holds the folder's lock: a
+    # trainer started now stops at once with the way out, before writing anything, and the run is then free
+    import subprocess
+    import sys
+    import textwrap
+
+    from model.train import RunBusy
+
+    ps, reg, tri, voc = caches
+    store = _store(caches)
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from model.train import hold_run_lock
+        lock = hold_run_lock(Path({str(folder)!r}))
+        print("held", flush=True)
+        sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=rf"run {folder} is being trained right now \(by pid {holder.pid}\)"):
+            train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path, store=store, run_name_="busy")
+        assert sorted(p.name for p in folder.iterdir()) == [".train.lock"]  # nothing written
+    finally:
+        holder.communicate("\n", timeout=60)
+    s = train(TrainConfig(epochs=1, **SMALL), reg, tri, voc, tmp_path, store=store, run_name_="busy")
+    assert s["epochs"] == 1 and (folder / LAST).is_file()
