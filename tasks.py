@@ -130,6 +130,7 @@ def _preflight(task) -> None:
     if not _ROOTS and CmdlineParser.get_instance() is not None:  # a command line (not luigi.build) asks its
         _ROOTS.append(task)                                          # own task first: it prints the result at the end
         console.at_success(lambda: _print_result(task))
+        console.quiet_interrupt()
     _WALKING.append(task)
     try:
         checks = {k: c for k, c in _unfinished_checks(task, set()).items() if k not in _PASSED}

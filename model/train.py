@@ -430,132 +430,135 @@ def train(config: TrainConfig | Mapping[str, Any], region_folder: str | Path, tr
     check_trainable(store, train_split)
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    lock = hold_run_lock(out)  # noqa: F841 - held (the file open) until train() returns or fails
+    lock = hold_run_lock(out)  # released in the finally below: a failed train() frees the folder at once
+    try:
 
-    torch.manual_seed(cfg.seed)
-    word_init = None if vectors is None else torch.from_numpy(store.vocab.vector_rows)  # (n_words, d)
-    model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
-                   shared_relation=cfg.shared_relation, word_vectors=word_init,
-                   freeze_words=cfg.freeze_words).to(device)
-    opt = _optimizer(model, cfg, pretrained_words=vectors is not None)
-    start_epoch, best, history = 0, None, []
+        torch.manual_seed(cfg.seed)
+        word_init = None if vectors is None else torch.from_numpy(store.vocab.vector_rows)  # (n_words, d)
+        model = DeFrag(store.feat_dim, store.n_words, store.n_relations, h=cfg.h, d=cfg.d,
+                       shared_relation=cfg.shared_relation, word_vectors=word_init,
+                       freeze_words=cfg.freeze_words).to(device)
+        opt = _optimizer(model, cfg, pretrained_words=vectors is not None)
+        start_epoch, best, history = 0, None, []
 
-    sources = {"regions": str(region_folder), "triples": str(triple_folder), "vocab": str(vocab_path)}
-    last_path = out / LAST
-    if last_path.exists() and not resume:
-        raise CheckpointError(f"{out} already holds a run ({LAST}): pass resume (--resume) to continue it, or "
-                              "another run name (--run-name) to start a new one")
-    if resume and last_path.exists():
-        ckpt = _load_for_resume(last_path, vocab_key, store.cache_keys)  # on the CPU: RNG states must be
-        if ckpt["config"] != cfg.identity():
-            diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.identity().items() if ckpt["config"].get(k) != v}
-            raise CheckpointError(f"{last_path} was trained with other options (checkpoint, now): {diff}; "
-                                  "resume with the same options or start a new run (--run-name)")
-        if int(ckpt["epoch"]) > cfg.epochs:
-            raise CheckpointError(f"{last_path} has already trained {ckpt['epoch']} epochs, more than --epochs "
-                                  f"{cfg.epochs}: pass --epochs {ckpt['epoch']} or more, or start a new run "
-                                  "(--run-name)")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt["history"])
-        log.info("resuming %s after epoch %d", out, start_epoch)
-    write_text_atomic(out / "config.json", json.dumps({"name": name, "config": asdict(cfg), "sources": sources,
-                                                   "cache_keys": store.cache_keys, "vocab_key": vocab_key,
-                                                   "word_vectors": vectors, "store": store.describe()}, indent=2) + "\n")
-    records = _read_log(out / "log.jsonl", start_epoch)
-    write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        sources = {"regions": str(region_folder), "triples": str(triple_folder), "vocab": str(vocab_path)}
+        last_path = out / LAST
+        if last_path.exists() and not resume:
+            raise CheckpointError(f"{out} already holds a run ({LAST}): pass resume (--resume) to continue it, or "
+                                  "another run name (--run-name) to start a new one")
+        if resume and last_path.exists():
+            ckpt = _load_for_resume(last_path, vocab_key, store.cache_keys)  # on the CPU: RNG states must be
+            if ckpt["config"] != cfg.identity():
+                diff = {k: (ckpt["config"].get(k), v) for k, v in cfg.identity().items() if ckpt["config"].get(k) != v}
+                raise CheckpointError(f"{last_path} was trained with other options (checkpoint, now): {diff}; "
+                                      "resume with the same options or start a new run (--run-name)")
+            if int(ckpt["epoch"]) > cfg.epochs:
+                raise CheckpointError(f"{last_path} has already trained {ckpt['epoch']} epochs, more than --epochs "
+                                      f"{cfg.epochs}: pass --epochs {ckpt['epoch']} or more, or start a new run "
+                                      "(--run-name)")
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt["history"])
+            log.info("resuming %s after epoch %d", out, start_epoch)
+        run_config = {"name": name, "config": asdict(cfg), "sources": sources, "cache_keys": store.cache_keys,
+                      "vocab_key": vocab_key, "word_vectors": vectors, "store": store.describe()}
+        write_text_atomic(out / "config.json", json.dumps(run_config, indent=2) + "\n")
+        records = _read_log(out / "log.jsonl", start_epoch)
+        write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
-    _place(store, device)
-    obj = cfg.objective_kwargs()
-    loss_fn = _compiled(padded_loss, device) if cfg.compile else padded_loss
-    sizes = (0, 0)  # the fixed (max triples, max relation group) of the GPU step
-    # a compiled step needs them everywhere: a new shape per batch would mean a new compile per batch
-    fixed_shapes = device.type in FIXED_SHAPE_DEVICES or cfg.compile
-    steps_per_log = 20
-    step = history[-1]["step"] if history else 0
-    t_run = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # the epoch's batches: (seed, epoch)
-        batches = epoch_batches(train_split.caption_image, cfg.batch_size, gen,
-                                _window_groups(train_split, store, gen))
-        if cfg.max_batches:
-            batches = batches[:cfg.max_batches]
-        plan = plan_epoch(train_split, batches, store.n_relations, store.device)
-        if fixed_shapes:  # sizes only grow over a run: a compiled step keeps its shapes across epochs
-            sizes = (max(sizes[0], plan.max_triples), max(sizes[1], plan.max_group))
-        fixed = sizes if fixed_shapes else (None, None)
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
-        window = torch.zeros(3, dtype=torch.float64, device=device)
-        n_win = 0
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
+        _place(store, device)
+        obj = cfg.objective_kwargs()
+        loss_fn = _compiled(padded_loss, device) if cfg.compile else padded_loss
+        sizes = (0, 0)  # the fixed (max triples, max relation group) of the GPU step
+        # a compiled step needs them everywhere: a new shape per batch would mean a new compile per batch
+        fixed_shapes = device.type in FIXED_SHAPE_DEVICES or cfg.compile
+        steps_per_log = 20
+        step = history[-1]["step"] if history else 0
+        t_run = time.time()
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # the epoch's batches: (seed, epoch)
+            batches = epoch_batches(train_split.caption_image, cfg.batch_size, gen,
+                                    _window_groups(train_split, store, gen))
+            if cfg.max_batches:
+                batches = batches[:cfg.max_batches]
+            plan = plan_epoch(train_split, batches, store.n_relations, store.device)
+            if fixed_shapes:  # sizes only grow over a run: a compiled step keeps its shapes across epochs
+                sizes = (max(sizes[0], plan.max_triples), max(sizes[1], plan.max_group))
+            fixed = sizes if fixed_shapes else (None, None)
+            model.train()
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, fragment, global (per pair, summed)
+            window = torch.zeros(3, dtype=torch.float64, device=device)
+            n_win = 0
+            bar = None
+            if cfg.progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=len(plan.batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
-        log_lines = []
-        for b, caps in enumerate(plan.batches):
-            loss, frag, glob = padded_step(model, train_split, caps, device, obj, *fixed, loss_fn=loss_fn)
-            if b + 1 < len(plan.batches):  # streamed features: the next batch's rows are read during the backward
-                train_split.prefetch_images(plan.batches[b + 1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            vals = torch.stack([loss.detach(), frag, glob]).double()
-            sums += vals
-            window += vals
-            n_win += 1
-            if n_win == steps_per_log or b == len(batches) - 1:
-                w = (window / n_win).tolist()  # one device sync per log window, not per step
-                if not math.isfinite(w[0]):
-                    raise FloatingPointError(f"loss became {w[0]} in epoch {epoch + 1}, step {step}: lower the "
-                                             f"learning rate (now {cfg.lr}) or set grad_clip")
-                log_lines.append({"kind": "step", "epoch": epoch + 1, "step": step, "loss": w[0],
-                                  "fragment": w[1], "global": w[2]})
+                bar = tqdm(total=len(plan.batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+            log_lines = []
+            for b, caps in enumerate(plan.batches):
+                loss, frag, glob = padded_step(model, train_split, caps, device, obj, *fixed, loss_fn=loss_fn)
+                if b + 1 < len(plan.batches):  # streamed features: the next batch's rows are read during the backward
+                    train_split.prefetch_images(plan.batches[b + 1])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                vals = torch.stack([loss.detach(), frag, glob]).double()
+                sums += vals
+                window += vals
+                n_win += 1
+                if n_win == steps_per_log or b == len(batches) - 1:
+                    w = (window / n_win).tolist()  # one device sync per log window, not per step
+                    if not math.isfinite(w[0]):
+                        raise FloatingPointError(f"loss became {w[0]} in epoch {epoch + 1}, step {step}: lower the "
+                                                 f"learning rate (now {cfg.lr}) or set grad_clip")
+                    log_lines.append({"kind": "step", "epoch": epoch + 1, "step": step, "loss": w[0],
+                                      "fragment": w[1], "global": w[2]})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{w[0]:.4g}")
+                    window.zero_()
+                    n_win = 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{w[0]:.4g}")
-                window.zero_()
-                n_win = 0
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        train_s = time.time() - t0
-        mean = (sums / max(1, len(batches))).tolist()
-        opt.zero_grad(set_to_none=True)  # the gradients are not needed again before the next step
-        release_freed_memory()  # the steps' freed temporaries go back to the system before validation
-        t1 = time.time()
-        val = validate(model, val_split, cfg, device)
-        rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "loss": mean[0], "fragment": mean[1],
-               "global": mean[2], "batches": len(batches), "train_seconds": train_s,
-               "val_seconds": time.time() - t1, "val": val}
-        history.append(rec)
-        improved = best is None or (val is not None and val["rsum"] > (best.get("val") or {}).get("rsum", -1))
-        if val is None:
-            improved = True  # no val split: the latest epoch is the best we know
-        if improved:
-            best = rec
-        state = {"model": model.state_dict(), "model_config": model.config(), "optimizer": opt.state_dict(),
-                 "epoch": epoch + 1, "rng": _rng_state(), "config": cfg.identity(), "vocab_key": vocab_key,
-                 "cache_keys": dict(store.cache_keys), "vocab_words": list(store.vocab.words),
-                 "vocab_relations": list(store.vocab.relations), "sources": sources, "history": history,
-                 "best": best}
-        save_checkpoint(last_path, state, also=out / BEST if improved else None)
-        with (out / "log.jsonl").open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log_lines + [rec])
-        records += log_lines + [rec]
-        plot_curves(records, out / "curves.png")
-        v = f", val rsum {val['rsum']:.1f}" if val else ""
-        log.info("epoch %d/%d: loss %.4g (fragment %.4g, global %.4g), %.1fs%s", epoch + 1, cfg.epochs,
-                 mean[0], mean[1], mean[2], train_s, v)
+                bar.close()
+            train_s = time.time() - t0
+            mean = (sums / max(1, len(batches))).tolist()
+            opt.zero_grad(set_to_none=True)  # the gradients are not needed again before the next step
+            release_freed_memory()  # the steps' freed temporaries go back to the system before validation
+            t1 = time.time()
+            val = validate(model, val_split, cfg, device)
+            rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "loss": mean[0], "fragment": mean[1],
+                   "global": mean[2], "batches": len(batches), "train_seconds": train_s,
+                   "val_seconds": time.time() - t1, "val": val}
+            history.append(rec)
+            improved = best is None or (val is not None and val["rsum"] > (best.get("val") or {}).get("rsum", -1))
+            if val is None:
+                improved = True  # no val split: the latest epoch is the best we know
+            if improved:
+                best = rec
+            state = {"model": model.state_dict(), "model_config": model.config(), "optimizer": opt.state_dict(),
+                     "epoch": epoch + 1, "rng": _rng_state(), "config": cfg.identity(), "vocab_key": vocab_key,
+                     "cache_keys": dict(store.cache_keys), "vocab_words": list(store.vocab.words),
+                     "vocab_relations": list(store.vocab.relations), "sources": sources, "history": history,
+                     "best": best}
+            save_checkpoint(last_path, state, also=out / BEST if improved else None)
+            with (out / "log.jsonl").open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in log_lines + [rec])
+            records += log_lines + [rec]
+            plot_curves(records, out / "curves.png")
+            v = f", val rsum {val['rsum']:.1f}" if val else ""
+            log.info("epoch %d/%d: loss %.4g (fragment %.4g, global %.4g), %.1fs%s", epoch + 1, cfg.epochs,
+                     mean[0], mean[1], mean[2], train_s, v)
 
-    summary = {"run_dir": str(out), "name": name, "epochs": len(history), "best": best,
-               "last": history[-1] if history else None, "seconds": time.time() - t_run,
-               "device": str(device), "store": store.describe()}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        summary = {"run_dir": str(out), "name": name, "epochs": len(history), "best": best,
+                   "last": history[-1] if history else None, "seconds": time.time() - t_run,
+                   "device": str(device), "store": store.describe()}
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        lock.close()

@@ -66,6 +66,29 @@ def open_full_log(cache_dir: str | Path) -> Path | None:
     return None
 
 
+def quiet_interrupt() -> None:
+    """Ctrl-C ends a command with one FAILED line (the traceback goes to the full log), not a screen of Python."""
+    previous = sys.excepthook
+    if getattr(previous, "defrag_interrupt", False):
+        return
+
+    def hook(kind, value, tb) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        import traceback
+
+        full = next((h.path for h in _FULL if h.path), None)
+        if full is not None:
+            with open(full, "a", encoding="utf-8") as f:
+                f.write("".join(traceback.format_exception(kind, value, tb)))
+        sys.stderr.write("\nFAILED: interrupted (Ctrl-C). Run the same command again: finished shards, checkpoints "
+                         "and epochs are kept (training goes on with --resume)."
+                         + (f" Full log: {full}" if full else "") + "\n")
+
+    hook.defrag_interrupt = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def at_success(callback: Callable[[], None]) -> None:
     """Call ``callback`` (which prints the command's result) after a run that ended well."""
     for h in _HANDLERS:

@@ -229,6 +229,40 @@ def test_swapped_or_foreign_model_files_and_other_problems_are_all_named(tmp_pat
     assert "give both a tagger and a parser" in out.stderr and files_under(work) == set()
 
 
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    work = workdir(tmp_path)
+    data = small_dataset(tmp_path)
+    train = ["TrainEmbedding", "--dataset", str(data), *SMALL, *PARSE, "--min-count", "1", "--embedding-dim", "8",
+             "--word-dim", "8", "--batch-size", "2", "--progress", "false", "--run-name", "r"]
+    proc = subprocess.Popen([sys.executable, "-m", "luigi", "--module", "tasks", *train, "--epochs", "100000"],
+                            cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # stage 1 first; interrupt once an epoch is checkpointed
+            lines.append(proc.stderr.readline())
+            if (work / "runs" / "r" / "checkpoint-last.pt").exists() or not lines[-1]:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    err = "".join(lines) + rest
+    assert proc.returncode == 1, err
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("FAILED: interrupted (Ctrl-C). Run the same command again") and "Full log: " in last
+    assert "Traceback" not in err and "KeyboardInterrupt" in (work / last.split("Full log: ")[1]).read_text()
+    assert not [p.name for p in (work / "runs" / "r").iterdir() if ".tmp" in p.name]
+    import torch
+
+    done = torch.load(work / "runs" / "r" / "checkpoint-last.pt", weights_only=True)["epoch"]
+    again = luigi_cli(*train, "--epochs", str(done + 1), "--resume", cwd=work)
+    assert again.returncode == 0 and again.stderr.rstrip().splitlines()[-1] == "done.", again.stderr
+
+
 def test_a_missing_feature_source_stops_evaluate_in_preflight(tmp_path):
     work = workdir(tmp_path)
     data = small_dataset(tmp_path)
