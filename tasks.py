@@ -56,19 +56,34 @@ class DatasetTask(luigi.Task):
     def cache_root(self) -> str:
         return self.cache_dir or defrag().cache_dir
 
-    # lower bounds of this class's own numeric options (subclasses add theirs): checked by the preflight
+    # lower bounds of this class's own numeric options (subclasses add theirs), and the command that declares
+    # them (a pass-through option is named as its own stage's): checked by the preflight
     bounds: dict[str, str] = {}
+    stage = ""
 
     def checks(self) -> dict:
         """What this task's own run() needs (pipeline.doctor checks), keyed so a graph checks each thing once."""
         from pipeline import doctor
 
-        out = {("dataset", self.dataset, self.image_root): doctor.dataset_check(self.dataset, self.image_root,
-                                                                                    self.dataset_records)}
-        for cls in type(self).__mro__:  # keyed by the declaring class: Evaluate and its training check once
+        return {("dataset", self.dataset, self.image_root): doctor.dataset_check(self.dataset, self.image_root,
+                                                                                     self.dataset_records)}
+
+    def option_checks(self) -> dict:
+        """Every numeric option in its bound and finite, and the device: keyed by the declaring class, so
+        Evaluate and the training it requires check an option once."""
+        from pipeline import doctor
+
+        out = {}
+        for cls in type(self).__mro__:
+            stage = vars(cls).get("stage") or cls.__name__
+            for name, p in vars(cls).items():
+                if isinstance(p, luigi.FloatParameter):
+                    out[("finite", stage, name, getattr(self, name))] = doctor.finite_check(
+                        f"{stage} --{name.replace('_', '-')}", getattr(self, name))
             for name, rule in vars(cls).get("bounds", {}).items():
                 value = getattr(self, name)
-                out[("option", cls.__name__, name, value)] = doctor.bound_check(name, value, rule)
+                out[("option", stage, name, value)] = doctor.bound_check(
+                    f"{stage} --{name.replace('_', '-')}", value, rule)
         if "device" in self.param_kwargs:
             out[("device", self.device)] = doctor.device_check(self.device)
         return out
@@ -106,10 +121,11 @@ def _unfinished_checks(task, seen: set) -> dict:
         deps = []
     out = {}
     if isinstance(task, DatasetTask):
+        out = task.option_checks()
         try:
-            out = dict(task.checks())
+            out.update(task.checks())
         except Exception as e:  # noqa: BLE001 - e.g. settings that do not resolve: a problem among the others
-            out = {("settings", type(e).__name__, str(e)): _raise(e)}
+            out[("settings", type(e).__name__, str(e))] = _raise(e)
     for dep in deps:
         out.update(_unfinished_checks(dep, seen))
     return out
@@ -172,7 +188,8 @@ class _RegionParams(DatasetTask):
     on_error = luigi.ChoiceParameter(choices=["record", "fail"], default="record", significant=False,
                                      description="record unreadable images in the shard, or stop at the first")
     bounds = {"max_image_side": ">= 1", "min_size": ">= 0", "max_size": ">= 0", "shard_size": ">= 1",
-              "batch_size": ">= 1"}
+              "batch_size": ">= 1", "seed": ">= 0"}
+    stage = "ExtractRegions"
 
     def region_config(self):
         from pipeline.regions import RegionConfig
@@ -323,6 +340,7 @@ class _ParseParams(DatasetTask):
     batch_size = luigi.IntParameter(default=512, significant=False, description="captions per bulk Stanza call")
     device = luigi.Parameter(default="auto", significant=False, description="auto (cuda when present) | cpu | cuda:N")
     bounds = {"max_tokens": ">= 1", "shard_size": ">= 1", "batch_size": ">= 1"}
+    stage = "ParseSentences"
 
     def parse_settings(self):
         from pipeline.parse import ParseSettings
@@ -513,7 +531,7 @@ class TrainEmbedding(DatasetTask):
                                   "(CUDA graphs on a GPU; the first epoch pays the compile)", **_BOOL)
     bounds = {"epochs": ">= 1", "batch_size": ">= 1", "embedding_dim": ">= 1", "word_dim": ">= 0", "lr": "> 0",
               "momentum": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "max_batches": ">= 0",
-              "smooth": ">= 0", "memory_budget_gb": "> 0"}
+              "smooth": ">= 0", "memory_budget_gb": "> 0", "seed": ">= 0"}
 
     @property
     def resources(self):
@@ -641,6 +659,16 @@ class Evaluate(TrainEmbedding):
         return (self.requires().is_complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
                 and _recorded(self.recorded_file(), self.recorded_options()))
 
+    def checks(self) -> dict:
+        from pipeline import doctor
+        from pipeline.sources import is_source
+
+        if is_source(self.detector):  # a source's dataset may have no image files at all
+            return super().checks()
+        # the run records this image folder (dataset.json) for retrieval and the report's pictures
+        return {**super().checks(), ("images", self.dataset, self.image_root):
+                doctor.images_check(self.dataset, self.image_root, self.dataset_records)}
+
     def recorded_file(self) -> str:
         return self.output()["json"].path
 
@@ -670,7 +698,7 @@ class Report(Evaluate):
     report_queries = luigi.IntParameter(default=6, description="sample queries per direction")
     report_top = luigi.IntParameter(default=5, description="results shown per query")
     report_seed = luigi.IntParameter(default=0, description="which queries are sampled")
-    bounds = {"report_queries": ">= 1", "report_top": ">= 1"}
+    bounds = {"report_queries": ">= 1", "report_top": ">= 1", "report_seed": ">= 0"}
 
     def requires(self):
         names = set(Evaluate.get_param_names(include_significant=True))
@@ -686,7 +714,8 @@ class Report(Evaluate):
 
     def recorded_options(self) -> dict:
         return {"split": self.split, "queries": self.report_queries, "top": self.report_top,
-                "seed": self.report_seed, **super().recorded_options()}
+                "seed": self.report_seed, "image_root": str(self.dataset_records().image_root),
+                **super().recorded_options()}
 
     def run(self):
         from model.report import build_report

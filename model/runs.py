@@ -116,6 +116,9 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
 
     folder = resolve_run(run)
     named = _existing(run)
+    if named.is_file() and not (folder / "config.json").exists():
+        raise RunError(f"{named} is not inside a run folder ({folder} has no config.json): give the run folder "
+                       "the checkpoint belongs to, or a checkpoint inside it")
     ckpt_path = named if named.is_file() else checkpoint_path(folder, which)  # a file given is the one loaded
     if not ckpt_path.is_file():  # before the dataset: a run whose training failed has nothing else to offer
         raise RunError(f"run {folder} has no checkpoint ({ckpt_path.name}): its training has not finished an "
@@ -125,6 +128,10 @@ def open_run(run: str | Path, *, dataset: Any = None, image_root: str | None = N
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{folder / 'config.json'} cannot be read ({type(e).__name__}: {e}): the run folder is "
                        "damaged; train it again (TrainEmbedding) or restore the file") from None
+    sources = config.get("sources") if isinstance(config, dict) else None
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise RunError(f"{folder / 'config.json'} is not a run's config (no object with its cache paths under "
+                       "'sources'): the run folder is damaged; train it again (TrainEmbedding) or restore the file")
     if dataset is None or isinstance(dataset, (str, Path)):
         ref = dataset_reference(folder) or {}
         name = dataset or ref.get("dataset")

@@ -15,7 +15,9 @@ errors the stages raise themselves: DatasetError, DetectorError, StanzaModelsMis
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -141,24 +143,41 @@ def run_checks(checks: Mapping[Any, Check]) -> list[str]:
 
 
 def bound_check(option: str, value: float, rule: str) -> Check:
-    """An option within its bound (``">= 1"``, ``"> 0"``; NaN is within none)."""
+    """An option within its bound (``">= 1"``, ``"> 0"``; NaN is within none); ``option`` as the user names it."""
     def check() -> None:
         op, limit = rule.split()
         if not (value >= float(limit) if op == ">=" else value > float(limit)):
-            raise ValueError(f"--{option.replace('_', '-')} {value}: must be {rule}")
+            raise ValueError(f"{option} {value}: must be {rule}")
     return check
 
 
-def device_check(device: str) -> Check:
-    """A CUDA device asked for exists here."""
+def finite_check(option: str, value: float) -> Check:
     def check() -> None:
-        if not device.startswith("cuda"):
+        if not math.isfinite(value):
+            raise ValueError(f"{option} {value}: must be a finite number")
+    return check
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:(\d+)|mps)$")
+
+
+def device_check(device: str) -> Check:
+    """The device is one torch knows by that name, and exists here."""
+    def check() -> None:
+        m = _DEVICE.match(device or "auto")
+        if not m:
+            raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N")
+        if not device.startswith(("cuda", "mps")):
             return
         import torch
 
+        if device == "mps":
+            if not torch.backends.mps.is_available():
+                raise RuntimeError("--device mps: no Apple GPU is available here; use --device cpu or auto")
+            return
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-        index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+        index = int(m.group(2) or 0)
         if index >= torch.cuda.device_count():
             raise RuntimeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                                "(cuda:0 ...); choose one of them or --device auto")

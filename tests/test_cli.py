@@ -128,16 +128,28 @@ def test_options_out_of_range_and_a_missing_gpu_stop_the_preflight_all_at_once(t
                     "--batch-size", "0", "--lr", "-1", "--fold-size", "0", "--captions-per-image", "-1", *device,
                     "--local-scheduler", cwd=work, timeout=300)
     assert out.returncode == CODES["scheduling_error"], out.stderr
-    for bad in ("--epochs 0: must be >= 1", "--batch-size 0: must be >= 1", "--lr -1.0: must be > 0",
-                "--fold-size 0: must be >= 1", "--captions-per-image -1: must be >= 0"):
+    for bad in ("TrainEmbedding --epochs 0: must be >= 1", "TrainEmbedding --batch-size 0: must be >= 1",
+                "TrainEmbedding --lr -1.0: must be > 0",
+                "Evaluate --fold-size 0: must be >= 1", "Evaluate --captions-per-image -1: must be >= 0"):
         assert bad in out.stderr, bad
     if device:
         assert "--device cuda: no CUDA device is available here" in out.stderr
     assert out.stderr.count("--epochs 0: must be") == 1  # Evaluate's and TrainEmbedding's checks: one line
     assert "Traceback" not in out.stderr and files_under(work) == set()
-    with pytest.raises(PreflightError, match=r"--shard-size 0: must be >= 1"):
+    with pytest.raises(PreflightError, match=r"ExtractRegions --shard-size 0: must be >= 1"):
         tasks.ExtractRegions(dataset="demo", detector_weights="random", shard_size=0,
                              cache_dir=str(tmp_path / "c")).complete()
+    # options passed through to an upstream stage are named as that stage's; NaN and infinity are no numbers
+    out = luigi_cli("TrainEmbedding", "--dataset", "demo", *PARSE, "--detector-weights", "random",
+                    "--region-shard-size", "0", "--parse-shard-size", "0", "--region-batch-size", "0",
+                    "--global-scale", "nan", "--memory-budget-gb", "inf", "--device", "foo", "--local-scheduler",
+                    cwd=work, timeout=300)
+    assert out.returncode == CODES["scheduling_error"], out.stderr
+    for bad in ("ExtractRegions --shard-size 0: must be >= 1", "ParseSentences --shard-size 0: must be >= 1",
+                "ExtractRegions --batch-size 0: must be >= 1", "TrainEmbedding --global-scale nan: must be a finite",
+                "TrainEmbedding --memory-budget-gb inf: must be a finite", "--device foo: not a device"):
+        assert bad in out.stderr, bad
+    assert "TrainEmbedding --batch-size" not in out.stderr and files_under(work) == set()
 
 
 def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):

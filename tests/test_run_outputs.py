@@ -105,6 +105,23 @@ def test_report_rebuild_replaces_the_folder(run, report):
     assert again == report and not stale.exists()  # same queries (seeded): the folder the others check
 
 
+def test_a_failed_report_build_leaves_no_folder_and_old_ones_are_cleared(run, tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".report.tmp-{int(gone.stdout)}"  # a build killed with -9: its process is gone
+    (stale / "images").mkdir(parents=True)
+    with pytest.raises(ValueError):
+        build_report(run, "test", out_dir=tmp_path / "report", n_queries=2, top=3, seed=-1)  # fails midway
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (stale / "images").mkdir(parents=True)
+    index = build_report(run, "test", out_dir=tmp_path / "report", n_queries=2, top=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    options = json.loads((index.parent / "options.json").read_text())
+    assert options["image_root"] == str(run.dataset.image_root) and options["top"] == 3
+
+
 def test_report_loads_in_headless_chromium(report, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"Chromium is not installed: {INSTALL}")
@@ -264,12 +281,21 @@ def test_a_checkpoint_that_is_not_a_defrag_one_is_named(run, tmp_path, capsys, c
     assert "checkpoint-best.pt" in err and message in err and "Traceback" not in err
 
 
-def test_a_damaged_run_config_is_named(run, tmp_path, capsys):
+@pytest.mark.parametrize("text, message", [('{"name": "defrag-', "config.json cannot be read (JSONDecodeError"),
+                                           ("[]", "config.json is not a run's config"),
+                                           ('{"sources": {"regions": 5}}', "config.json is not a run's config")])
+def test_a_damaged_run_config_is_named(run, tmp_path, capsys, text, message):
     copy = _copy_run(run, tmp_path)
-    (copy / "config.json").write_text('{"name": "defrag-')
+    (copy / "config.json").write_text(text)
     assert retrieve_main(["--run", str(copy), "--image", "retina.jpg"]) == 2
     err = capsys.readouterr().err
-    assert "config.json cannot be read (JSONDecodeError" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_checkpoint_outside_a_run_folder_is_named(run, tmp_path, capsys):
+    shutil.copyfile(run.folder / "checkpoint-best.pt", tmp_path / "loose.pt")
+    assert retrieve_main(["--run", str(tmp_path / "loose.pt"), "--image", "retina.jpg"]) == 2
+    assert "loose.pt is not inside a run folder" in capsys.readouterr().err
 
 
 def test_retrieve_explain_into_a_folder_is_named_and_leaves_nothing(run, tmp_path, capsys):

@@ -264,7 +264,11 @@ def test_a_damaged_row_index_is_rebuilt(tsv_parts):
     ds = load_dataset(str(jsonl(tmp / "c.jsonl", [f"{i}.jpg" for i in truth])))
     _, first, folder = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
     index = folder / "source-index.json"
-    index.write_bytes(index.read_bytes()[:40])  # cut short, as a full disk or a kill would leave it
-    report, again, _ = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
-    assert report.failed == {} and again.image_ids == first.image_ids
-    assert json.loads(index.read_text())["rows"]["391903"][3] == 3
+    whole = index.read_text()
+    for damage in (whole[:40], whole.replace("[0, 0,", "[7, 0,", 1), whole.replace('"391903": [2,', '"391903": [',
+                                                                                      1)):
+        index.write_text(damage)  # cut short (a full disk, a kill), or an entry out of the files
+        assert damage != whole
+        report, again, _ = shard(tmp, ds, f"butd-tsv:{tmp}/feats.tsv.*", shard_size=4, index=0)
+        assert report.failed == {} and again.image_ids == first.image_ids
+        assert json.loads(index.read_text())["rows"]["391903"][3] == 3

@@ -237,7 +237,8 @@ def test_a_bom_is_not_part_of_the_first_word(tmp_path):
 def test_a_misread_word2vec_binary_is_refused(tmp_path):
     good = write_w2v_bin(tmp_path / "good.bin").read_bytes()
     body = good[good.index(b"\n") + 1:]
-    for name, header, match in (("dim.bin", b"5 2\n", r"record 2: .* is not a word \(the header says 5 words of 2"),
+    for name, header, match in (("dim.bin", b"5 2\n", r"bytes follow the 5 records the header announces \(the "
+                                                       r"header says 5 words of 2"),
                                 ("fewer.bin", b"4 3\n", r"bytes follow the 4 records the header announces"),
                                 ("zero.bin", b"5 0\n", r"the vectors have 0 dimensions")):
         (tmp_path / name).write_bytes(header + body)
@@ -266,3 +267,15 @@ def test_a_word_list_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "m.words.txt").write_bytes("\n".join(WORDS).encode() + b"\ncaf\xe9\n")
     with pytest.raises(WordVectorError, match=r"m.words.txt: the word list is not UTF-8"):
         read_vectors(open_source(str(tmp_path / "m.npy")))
+
+
+def test_odd_but_valid_word2vec_words_are_kept(tmp_path):
+    # word2vec.c cuts words at 100 bytes (at times inside a character) and splits only on space, tab, newline
+    odd = ["café".encode()[:-1], b"a\x0cb"]
+    with (tmp_path / "odd.bin").open("wb") as f:
+        f.write(b"3 3\n")
+        for w, v in zip([b"the", *odd], VECS[:3]):
+            f.write(w + b" " + struct.pack("<3f", *v) + b"\n")
+    keys, rows, total = read_vectors(open_source(str(tmp_path / "odd.bin")), {"the", "a\x0cb"})
+    assert keys == ["the", "a\x0cb"] and total == 3
+    np.testing.assert_array_equal(rows, VECS[[0, 2]])

@@ -209,12 +209,24 @@ class TsvSource:
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged: it is only a cache
                     log.warning("%s cannot be read (%s: %s): indexing again", path, type(e).__name__, e)
                     doc = {}
-                if isinstance(doc, dict) and doc.get("files") == self.identity and isinstance(doc.get("rows"), dict):
+                if isinstance(doc, dict) and doc.get("files") == self.identity and self._index_ok(doc):
                     return doc
             log.info("indexing %d TSV file(s): one pass, kept in %s", len(self.paths), path)
             doc = {"files": self.identity, **build_index(self.paths)}
             write_text_atomic(path, json.dumps(doc) + "\n")
             return doc
+
+    def _index_ok(self, doc: dict) -> bool:
+        """Every entry is [file number, offset, length, line, truncated] within the files: an index that parses
+        but was edited or damaged is rebuilt, never trusted."""
+        rows, sizes = doc.get("rows"), [f["bytes"] for f in self.identity]
+        ok = isinstance(rows, dict) and isinstance(doc.get("unreadable_lines"), int) and all(
+            isinstance(v, list) and len(v) == 5 and all(type(x) is int for x in v[:4])
+            and 0 <= v[0] < len(sizes) and 0 <= v[1] and 0 < v[2] and v[1] + v[2] <= sizes[v[0]] and v[3] >= 1
+            for v in rows.values())
+        if not ok:
+            log.warning("%s does not describe these files: indexing again", INDEX_FILE)
+        return ok
 
     def locate(self, image_records) -> dict[str, Where]:
         rows = {k: Where(self.paths[v[0]], v[1], v[2], v[3], bool(v[4])) for k, v in self.index["rows"].items()}
