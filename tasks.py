@@ -12,9 +12,9 @@ import copy
 import functools
 import logging
 import time
+from pathlib import Path
 
 import luigi
-from pathlib import Path
 from luigi.cmdline_parser import CmdlineParser
 
 log = logging.getLogger("defrag.tasks")
