@@ -111,53 +111,8 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        b = _Builder(run, split_name, tmp, per_region)
-        split = b.split
-        scores_t = split_scores(run, split)  # (n_images, n_captions)
-        result = evaluation_result(run, split_name, scores_t, captions_per_image, fold_size)
-        scores, cap_img = scores_t.numpy(), split.caption_image.cpu().numpy()
-        annotation_rank, search_rank = annotation_ranks(scores, cap_img), search_ranks(scores, cap_img)
-
-        rng = np.random.default_rng(seed)
-        with_caps = np.unique(cap_img)
-        img_q = rng.choice(with_caps, size=min(n_queries, len(with_caps)), replace=False)
-        cap_q = rng.choice(len(cap_img), size=min(n_queries, len(cap_img)), replace=False)
-
-        annotation = []
-        for i in img_q.tolist():
-            row, right = scores[i], cap_img == i
-            order = np.argsort(-row, kind="stable")[:top]
-            ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=int(annotation_rank[i]))
-            ex.hits = [Hit(r + 1, float(row[j]), b.caption_ids[j], text=b.texts.get(b.caption_ids[j], ""),
-                           correct=bool(right[j])) for r, j in enumerate(order.tolist())]
-            ex.pictures.extend(b.picture(i, int(order[0]), "top"))
-            if not right[order[0]]:
-                own = np.flatnonzero(right)
-                ex.pictures.extend(b.picture(i, int(own[np.argmax(row[own])]), "right"))
-            annotation.append(ex)
-
-        search = []
-        for j in cap_q.tolist():
-            col, right = scores[:, j], np.arange(len(scores)) == cap_img[j]
-            order = np.argsort(-col, kind="stable")[:top]
-            cid = b.caption_ids[j]
-            ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=int(search_rank[j]))
-            ex.hits = [Hit(r + 1, float(col[i]), b.image_ids[i], image=b.thumb(i), correct=bool(right[i]))
-                       for r, i in enumerate(order.tolist())]
-            ex.pictures.extend(b.picture(int(order[0]), j, "top"))
-            if not right[order[0]]:
-                ex.pictures.extend(b.picture(int(cap_img[j]), j, "right"))
-            search.append(ex)
-
-        curves = run.folder / "curves.png"
-        if curves.exists():
-            shutil.copyfile(curves, tmp / "curves.png")
-        (tmp / "index.html").write_text(render_html(run, result, annotation, search, curves.exists(), top),
-                                        encoding="utf-8")
-        options = {"split": split_name, "queries": n_queries, "top": top, "seed": seed, "per_region": per_region,
-                   "captions_per_image": captions_per_image, "fold_size": fold_size,
-                   "image_root": str(run.dataset.image_root)}
-        (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")  # what a rerun compares
+        _write_report(run, split_name, tmp, n_queries=n_queries, top=top, seed=seed, per_region=per_region,
+                      captions_per_image=captions_per_image, fold_size=fold_size)
         if final.exists():  # swap in the finished folder; a killed build leaves only the temporary one
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -170,6 +125,58 @@ def build_report(run: Run, split_name: str = "test", out_dir: str | Path | None 
     except BaseException:  # a failed or interrupted build leaves no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_report(run: Run, split_name: str, tmp: Path, *, n_queries: int, top: int, seed: int, per_region: int,
+                  captions_per_image: int, fold_size: int) -> None:
+    """The report's files, written into the folder ``tmp``."""
+    b = _Builder(run, split_name, tmp, per_region)
+    split = b.split
+    scores_t = split_scores(run, split)  # (n_images, n_captions)
+    result = evaluation_result(run, split_name, scores_t, captions_per_image, fold_size)
+    scores, cap_img = scores_t.numpy(), split.caption_image.cpu().numpy()
+    annotation_rank, search_rank = annotation_ranks(scores, cap_img), search_ranks(scores, cap_img)
+
+    rng = np.random.default_rng(seed)
+    with_caps = np.unique(cap_img)
+    img_q = rng.choice(with_caps, size=min(n_queries, len(with_caps)), replace=False)
+    cap_q = rng.choice(len(cap_img), size=min(n_queries, len(cap_img)), replace=False)
+
+    annotation = []
+    for i in img_q.tolist():
+        row, right = scores[i], cap_img == i
+        order = np.argsort(-row, kind="stable")[:top]
+        ex = Example(b.image_ids[i], query_image=b.thumb(i), right_rank=int(annotation_rank[i]))
+        ex.hits = [Hit(r + 1, float(row[j]), b.caption_ids[j], text=b.texts.get(b.caption_ids[j], ""),
+                       correct=bool(right[j])) for r, j in enumerate(order.tolist())]
+        ex.pictures.extend(b.picture(i, int(order[0]), "top"))
+        if not right[order[0]]:
+            own = np.flatnonzero(right)
+            ex.pictures.extend(b.picture(i, int(own[np.argmax(row[own])]), "right"))
+        annotation.append(ex)
+
+    search = []
+    for j in cap_q.tolist():
+        col, right = scores[:, j], np.arange(len(scores)) == cap_img[j]
+        order = np.argsort(-col, kind="stable")[:top]
+        cid = b.caption_ids[j]
+        ex = Example(cid, query_text=b.texts.get(cid, cid), right_rank=int(search_rank[j]))
+        ex.hits = [Hit(r + 1, float(col[i]), b.image_ids[i], image=b.thumb(i), correct=bool(right[i]))
+                   for r, i in enumerate(order.tolist())]
+        ex.pictures.extend(b.picture(int(order[0]), j, "top"))
+        if not right[order[0]]:
+            ex.pictures.extend(b.picture(int(cap_img[j]), j, "right"))
+        search.append(ex)
+
+    curves = run.folder / "curves.png"
+    if curves.exists():
+        shutil.copyfile(curves, tmp / "curves.png")
+    (tmp / "index.html").write_text(render_html(run, result, annotation, search, curves.exists(), top),
+                                    encoding="utf-8")
+    options = {"split": split_name, "queries": n_queries, "top": top, "seed": seed, "per_region": per_region,
+               "captions_per_image": captions_per_image, "fold_size": fold_size,
+               "image_root": str(run.dataset.image_root)}
+    (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")  # what a rerun compares
 
 
 def _remove_stale_builds(final: Path) -> None:
