@@ -107,8 +107,8 @@ def query_ids(run: Run, text: str, stanza: Mapping[str, str] | None = None) -> t
     add_query_words(run, [w for t in triples for w in (t.head, t.dep)])
     rel, w1, w2 = query_triples(run.store, triples)
     if len(rel) == 0:
-        raise QueryError(f"none of the {len(triples)} triples of {_quote(text)} can be scored: their relations or words "
-                         "are outside the run's vocabulary")
+        raise QueryError(f"none of the {len(triples)} triples of {_quote(text)} can be scored: their relations or "
+                         "words are outside the run's vocabulary")
     return rel, w1, w2
 
 

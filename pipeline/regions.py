@@ -339,5 +339,6 @@ def summarize_failures(folder: str | Path) -> dict[str, Any]:
     return {"folder": str(folder), "images": total, "failed": failed}
 
 
-__all__ = ["RegionConfig", "appeared_images", "RegionExtractionError", "ShardReport", "extract_shard", "layout_fragments",
-           "region_cache_folder", "region_dataset", "run_shard", "summarize_failures", "detector_for", "extract_each"]
+__all__ = ["RegionConfig", "RegionExtractionError", "ShardReport", "appeared_images", "extract_shard",
+           "layout_fragments", "region_cache_folder", "region_dataset", "run_shard", "summarize_failures",
+           "detector_for", "extract_each"]
