@@ -541,7 +541,19 @@ class TrainEmbedding(DatasetTask):
         from pipeline import doctor
 
         runs = self.run_dir or defrag().run_dir
-        return {**super().checks(), ("runs", runs): doctor.folder_check(runs, "runs folder", "--run-dir")}
+        return {**super().checks(), ("runs", runs): doctor.folder_check(runs, "runs folder", "--run-dir"),
+                ("word-dim", self.word_dim, self.word_vectors, self.dataset): self._word_dim_check}
+
+    def _word_dim_check(self) -> None:
+        """--word-dim fits the word vectors (known now: training would refuse it after stage 1 ran)."""
+        try:
+            vectors = self._upstream()["vocab"].vector_identity()
+        except Exception:  # noqa: BLE001 - a vectors problem is BuildVocab's check
+            return
+        if vectors and self.word_dim and self.word_dim != int(vectors["dim"]):
+            raise ValueError(f"TrainEmbedding --word-dim {self.word_dim}: the word vectors {vectors['source']!r} are "
+                             f"{vectors['dim']}-d; pass --word-dim {vectors['dim']} or 0 (the vectors' size), or "
+                             "--word-vectors none to learn words of another size")
 
     def _upstream(self):
         common = dict(dataset=self.dataset, image_root=self.image_root, cache_dir=self.cache_dir, device=self.device)

