@@ -671,16 +671,6 @@ class Evaluate(TrainEmbedding):
         return (self.requires().is_complete() and newer_than_training(self.run_folder(), [o.path for o in outs])
                 and _recorded(self.recorded_file(), self.recorded_options()))
 
-    def checks(self) -> dict:
-        from pipeline import doctor
-        from pipeline.sources import is_source
-
-        if is_source(self.detector):  # a source's dataset may have no image files at all
-            return super().checks()
-        # the run records this image folder (dataset.json) for retrieval and the report's pictures
-        return {**super().checks(), ("images", self.dataset, self.image_root):
-                doctor.images_check(self.dataset, self.image_root, self.dataset_records)}
-
     def recorded_file(self) -> str:
         return self.output()["json"].path
 

@@ -168,6 +168,10 @@ def _write_report(run: Run, split_name: str, tmp: Path, *, n_queries: int, top: 
             ex.pictures.extend(b.picture(int(cap_img[j]), j, "right"))
         search.append(ex)
 
+    if not any(ex.pictures for ex in annotation + search):  # scoring needs no image; the pictures do
+        log.warning("report of %s: no image of the %s split is in the image folder %s, so it has no pictures "
+                    "(pass --image-root with the folder the dataset's image paths are relative to)", run.name,
+                    split_name, run.dataset.image_root)
     curves = run.folder / "curves.png"
     if curves.exists():
         shutil.copyfile(curves, tmp / "curves.png")

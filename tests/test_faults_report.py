@@ -63,3 +63,15 @@ def test_retrieve_explain_refuses_an_image_linked_out_of_the_root(run_folder, ho
                           "--image", "retina.jpg", "--explain", str(out)])
     assert code == 2 and not out.exists()
     assert "outside the image root" in capsys.readouterr().err
+
+
+def test_a_report_without_any_picture_says_so(run_folder, tmp_path, caplog):
+    (tmp_path / "empty").mkdir()  # a wrong --image-root: scoring works, the pictures cannot
+    run = open_run(run_folder, dataset="demo", image_root=str(tmp_path / "empty"))
+    with caplog.at_level("WARNING", logger="model.report"):
+        index = build_report(run, "test", out_dir=tmp_path / "report", n_queries=2, top=2)
+    assert index.is_file() and "no image of the test split is in the image folder" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.report"):
+        build_report(open_run(run_folder, dataset="demo"), "test", out_dir=tmp_path / "ok", n_queries=2, top=2)
+    assert "no image of the test split" not in caplog.text
